@@ -1,0 +1,203 @@
+"""The plugin-side SDK: the generic entry point every plugin kind builds on.
+
+A plugin is started by its host with one line of JSON on stdin,
+``{"port": <int>, "ticket": "<string>"}``. It connects to the host's gRPC
+server on 127.0.0.1 at that port and sends the ticket with every call. The
+host closes the plugin's stdin to ask it to stop; that also happens when the
+host process dies.
+
+This package never imports the host side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import grpc
+
+from cipdplugin.plugins.logs import HostLogHandler
+from cipdplugin.protocol import TICKET_METADATA_KEY
+
+#: A handshake line longer than this is rejected.
+MAX_HANDSHAKE_BYTES = 64 * 1024
+#: After stdin closes, how long the run loop gets to return on its own.
+STOP_GRACE = 0.5
+
+RunLoop = Callable[[grpc.Channel, threading.Event], "int | None"]
+
+
+class HandshakeError(ValueError):
+    """The host's handshake line is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Handshake:
+    port: int
+    ticket: str
+
+
+def parse_handshake(line: bytes | str) -> Handshake:
+    """Parse the handshake line as JSON (never by bytes: the Go host may add spaces).
+
+    Raises:
+        HandshakeError: not JSON, not an object, or a bad ``port``/``ticket``.
+    """
+    try:
+        data: Any = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HandshakeError(f"the handshake is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HandshakeError(f"the handshake must be a JSON object, got {type(data).__name__}")
+    port, ticket = data.get("port"), data.get("ticket")
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)  # protojson may quote integers; accept both spellings
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise HandshakeError(f"the handshake has no valid 'port' (1-65535): {port!r}")
+    if not isinstance(ticket, str) or not ticket:
+        raise HandshakeError("the handshake has no valid 'ticket' (a non-empty string)")
+    return Handshake(port=port, ticket=ticket)
+
+
+def read_handshake(stdin: BinaryIO) -> Handshake:
+    """Read the handshake line from ``stdin``, one byte at a time.
+
+    Byte by byte, so that nothing after the line is consumed.
+
+    Raises:
+        HandshakeError: end of input before a newline, an overlong line, or
+            a malformed one (see ``parse_handshake``).
+    """
+    read = _byte_reader(stdin)
+    line = bytearray()
+    while True:
+        byte = read(1)
+        if not byte:
+            raise HandshakeError("stdin ended before the handshake line (is this run by a CIPD host?)")
+        if byte == b"\n":
+            return parse_handshake(bytes(line))
+        line += byte
+        if len(line) > MAX_HANDSHAKE_BYTES:
+            raise HandshakeError(f"the handshake line is longer than {MAX_HANDSHAKE_BYTES} bytes")
+
+
+def _byte_reader(stdin: BinaryIO) -> Callable[[int], bytes]:
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stdin.read
+    return lambda size: os.read(fd, size)
+
+
+class _TicketInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds the plugin's ticket to the metadata of every call."""
+
+    def __init__(self, ticket: str) -> None:
+        self._ticket = ticket
+
+    def _with_ticket(self, details: Any) -> Any:
+        metadata = list(details.metadata or ())
+        metadata.append((TICKET_METADATA_KEY, self._ticket))
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_ticket(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_ticket(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_ticket(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_ticket(details), requests)
+
+
+def connect(handshake: Handshake) -> tuple[grpc.Channel, grpc.Channel]:
+    """Open a channel to the host; return (the ticketed channel, the raw one).
+
+    Close the raw one to end every call.
+    """
+    # Never through a proxy: the host is on loopback.
+    raw = grpc.insecure_channel(f"127.0.0.1:{handshake.port}", options=[("grpc.enable_http_proxy", 0)])
+    return grpc.intercept_channel(raw, _TicketInterceptor(handshake.ticket)), raw
+
+
+def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
+    """Run a plugin: read the handshake, connect, call ``run_loop(channel, stopping)``.
+
+    ``channel`` carries the ticket on every call. ``stopping`` is set once
+    the host closes stdin (or dies); ``run`` then gives ``run_loop`` half a
+    second to return and returns regardless, so a stuck handler cannot keep
+    the plugin alive. Standard ``logging`` records reach the host's log
+    through the Log RPC while ``run`` runs.
+
+    Returns the exit code: ``run_loop``'s result (None means 0), 1 if it
+    raised, 2 for a bad handshake.
+    """
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    program = os.path.basename(sys.argv[0]) or "plugin"
+    try:
+        handshake = read_handshake(stdin)
+    except HandshakeError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return 2
+
+    channel, raw_channel = connect(handshake)
+    stopping = threading.Event()
+    finished = threading.Event()
+    outcome: list[int] = []
+
+    def watch_stdin() -> None:
+        read = _byte_reader(stdin)
+        try:
+            while read(4096):
+                pass  # The host sends nothing after the handshake.
+        except (OSError, ValueError):
+            pass
+        stopping.set()
+        finished.set()
+
+    def loop() -> None:
+        try:
+            code = run_loop(channel, stopping)
+            outcome.append(0 if code is None else code)
+        except Exception:
+            logging.getLogger(__name__).error("the plugin's run loop failed:\n%s", traceback.format_exc())
+            traceback.print_exc()
+            outcome.append(1)
+        finally:
+            finished.set()
+
+    log_handler = HostLogHandler(channel)
+    log_handler.install()
+    # Both threads are daemons: a handler stuck in user code must not keep
+    # the process alive once the host has said stop.
+    threading.Thread(target=watch_stdin, name="cipdplugin-stdin", daemon=True).start()
+    loop_thread = threading.Thread(target=loop, name="cipdplugin-run-loop", daemon=True)
+    loop_thread.start()
+    try:
+        # Cannot hang: stdin reaches EOF when the host closes it or dies.
+        finished.wait()
+        if not outcome:
+            stopping.set()
+            loop_thread.join(STOP_GRACE)
+    finally:
+        log_handler.uninstall(timeout=STOP_GRACE)
+        raw_channel.close()
+    return outcome[0] if outcome else 0
+
+
+__all__ = ["Handshake", "HandshakeError", "connect", "parse_handshake", "read_handshake", "run"]

@@ -1,0 +1,297 @@
+"""Writing admission plugins in Python.
+
+::
+
+    from cipdplugin.plugins import admission
+
+    def handler(request: admission.Request, info: admission.InstanceInfo) -> None:
+        if request.package.startswith("experimental/"):
+            raise admission.Denied("experimental packages are not allowed")
+
+    if __name__ == "__main__":
+        raise SystemExit(admission.run(handler, version="my-plugin 1.0"))
+
+Each admission runs ``handler`` in a worker thread. Returning admits the
+instance; ``Denied(message)`` denies it (FAILED_PRECONDITION);
+``Error(code, message)`` reports that status; any other exception is
+reported as ABORTED with the exception described, and the plugin keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import grpc
+from google.protobuf.empty_pb2 import Empty
+from google.rpc import status_pb2
+
+from cipdplugin import plugins
+from cipdplugin.errors import AdmissionDenied, AdmissionError, InvalidPinError
+from cipdplugin.pins import Pin, object_ref_to_instance_id
+from cipdplugin.protocol import (
+    ADMISSIONS_LIST,
+    ADMISSIONS_RESOLVE,
+    HOST_LIST_METADATA,
+    PROTOCOL_VERSION,
+    cipd_pb2,
+    plugin_pb2,
+)
+
+#: Raise in a handler to deny an admission (FAILED_PRECONDITION).
+Denied = AdmissionDenied
+#: Raise in a handler to answer ``Error(code, message)``.
+Error = AdmissionError
+
+DEFAULT_MAX_WORKERS = 16
+DEFAULT_PAGE_SIZE = 20
+#: Per-call deadline of ResolveAdmission and ListMetadata.
+_RPC_TIMEOUT = 30.0
+#: The ways a ListAdmissions stream ends that mean "stop", not "fail".
+_STOP_CODES = (grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One admission the host asks about."""
+
+    admission_id: str
+    service_url: str
+    package: str
+    instance: cipd_pb2.ObjectRef
+    instance_id: str
+    pin: Pin
+    #: Set when the host asks the plugin to stop; long handlers may give up.
+    stopping: threading.Event = field(repr=False, compare=False)
+
+
+class InstanceInfo:
+    """What a handler can look up about the instance being admitted."""
+
+    def __init__(self, request: Request, list_metadata: Callable[..., plugin_pb2.ListMetadataResponse]):
+        self._request = request
+        self._list_metadata = list_metadata
+        self.stopping = request.stopping
+
+    def metadata(
+        self, keys: Iterable[str] = (), page_size: int = DEFAULT_PAGE_SIZE
+    ) -> Iterator[cipd_pb2.InstanceMetadata]:
+        """The instance's metadata, newest first, fetched page by page as iterated.
+
+        Stop iterating and no further page is fetched.
+
+        Raises:
+            AdmissionError: a ListMetadata call failed (its code and message).
+            ValueError: ``page_size`` is not positive.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be positive, got {page_size!r}")
+        request = plugin_pb2.ListMetadataRequest(
+            service_url=self._request.service_url,
+            package=self._request.package,
+            instance=self._request.instance,
+            keys=list(keys),
+            page_size=page_size,
+        )
+        while True:
+            try:
+                page = self._list_metadata(request, timeout=_RPC_TIMEOUT)
+            except grpc.RpcError as exc:
+                raise AdmissionError(_rpc_code(exc), _rpc_details(exc)) from None
+            yield from page.metadata
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+
+Handler = Callable[[Request, InstanceInfo], None]
+
+
+def run(
+    handler: Handler,
+    *,
+    version: str,
+    stdin: BinaryIO | None = None,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+) -> int:
+    """Serve admissions with ``handler`` until the host says stop; return the exit code.
+
+    0 on a normal stop (the stream ended, ABORTED, CANCELLED or UNAVAILABLE),
+    2 for a bad handshake, 3 if the host refused the protocol version, 1 for
+    any other failure.
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be positive, got {max_workers!r}")
+
+    def run_loop(channel: grpc.Channel, stopping: threading.Event) -> int:
+        return _Server(channel, stopping, handler, max_workers).serve(version)
+
+    return plugins.run(run_loop, stdin=stdin)
+
+
+class _Server:
+    """The plugin's side of one ListAdmissions stream."""
+
+    def __init__(self, channel: grpc.Channel, stopping: threading.Event, handler: Handler, max_workers: int):
+        self._stopping = stopping
+        self._handler = handler
+        self._list = channel.unary_stream(
+            ADMISSIONS_LIST,
+            request_serializer=plugin_pb2.ListAdmissionsRequest.SerializeToString,
+            response_deserializer=plugin_pb2.Admission.FromString,
+        )
+        self._resolve = channel.unary_unary(
+            ADMISSIONS_RESOLVE,
+            request_serializer=plugin_pb2.ResolveAdmissionRequest.SerializeToString,
+            response_deserializer=Empty.FromString,
+        )
+        self._list_metadata = channel.unary_unary(
+            HOST_LIST_METADATA,
+            request_serializer=plugin_pb2.ListMetadataRequest.SerializeToString,
+            response_deserializer=plugin_pb2.ListMetadataResponse.FromString,
+        )
+        self._workers = _WorkerPool(self._admit, max_workers)
+
+    def serve(self, version: str) -> int:
+        stream = self._list(
+            plugin_pb2.ListAdmissionsRequest(protocol_version=PROTOCOL_VERSION, plugin_version=version)
+        )
+        # Ending the stream is how every way of stopping reaches this loop.
+        self._stopping_watch = threading.Thread(
+            target=self._cancel_on_stop, args=(stream,), name="cipdplugin-stop-watch", daemon=True
+        )
+        self._stopping_watch.start()
+        try:
+            for admission in stream:
+                self._workers.submit(admission)
+        except grpc.RpcError as exc:
+            code = _rpc_code(exc)
+            if code in _STOP_CODES:
+                return 0
+            print(
+                f"admission plugin: the host ended the stream: {code.name}: {_rpc_details(exc)}",
+                file=sys.stderr,
+            )
+            return 3 if code is grpc.StatusCode.FAILED_PRECONDITION else 1
+        finally:
+            self._stopping.set()
+            self._workers.stop()
+        return 0
+
+    def _cancel_on_stop(self, stream: grpc.Future[Any]) -> None:
+        self._stopping.wait()  # Cannot hang: serve() sets it on every exit path.
+        stream.cancel()
+
+    def _admit(self, admission: plugin_pb2.Admission) -> None:
+        status = self._decide(admission)
+        resolution = plugin_pb2.ResolveAdmissionRequest(admission_id=admission.admission_id)
+        if status is not None:
+            resolution.status.CopyFrom(status)
+        try:
+            self._resolve(resolution, timeout=_RPC_TIMEOUT)
+        except grpc.RpcError as exc:
+            if not self._stopping.is_set():
+                _logger.warning("cannot resolve admission %s: %s", admission.admission_id, _rpc_details(exc))
+
+    def _decide(self, admission: plugin_pb2.Admission) -> status_pb2.Status | None:
+        """Run the handler; None means admitted (sent without a status, as the Go SDK does)."""
+        try:
+            instance_id = object_ref_to_instance_id(admission.instance)
+            pin = Pin(admission.package, instance_id)
+        except InvalidPinError as exc:
+            return _status(grpc.StatusCode.INVALID_ARGUMENT, f"the host sent an invalid pin: {exc}")
+        request = Request(
+            admission_id=admission.admission_id,
+            service_url=admission.service_url,
+            package=admission.package,
+            instance=admission.instance,
+            instance_id=instance_id,
+            pin=pin,
+            stopping=self._stopping,
+        )
+        try:
+            self._handler(request, InstanceInfo(request, self._list_metadata))
+        except AdmissionError as exc:
+            return _status(exc.code, exc.message)
+        except Exception as exc:
+            _logger.debug("admission handler failed on %s", pin, exc_info=True)
+            return _status(
+                grpc.StatusCode.ABORTED, f"the admission handler raised {type(exc).__name__}: {exc}"
+            )
+        return None
+
+
+def _status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+def _rpc_code(exc: grpc.RpcError) -> grpc.StatusCode:
+    code = getattr(exc, "code", None)
+    result = code() if callable(code) else None
+    return result if isinstance(result, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _rpc_details(exc: grpc.RpcError) -> str:
+    details = getattr(exc, "details", None)
+    text = details() if callable(details) else None
+    return text if isinstance(text, str) else str(exc)
+
+
+class _WorkerPool:
+    """Daemon worker threads, started on demand up to a limit.
+
+    Daemons, unlike ``ThreadPoolExecutor`` workers, cannot hold the process
+    open at exit when a handler is stuck.
+    """
+
+    def __init__(self, work: Callable[[plugin_pb2.Admission], None], max_workers: int) -> None:
+        self._work = work
+        self._max_workers = max_workers
+        self._items: queue.SimpleQueue[plugin_pb2.Admission | None] = queue.SimpleQueue()
+        # Guards the fields below.
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for an item
+        self._stopped = False
+
+    def submit(self, item: plugin_pb2.Admission) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            if self._idle == 0 and len(self._threads) < self._max_workers:
+                thread = threading.Thread(
+                    target=self._worker, name=f"cipdplugin-admission-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._idle -= 1
+        self._items.put(item)
+
+    def stop(self) -> None:
+        """Tell every worker to leave once its current item is done (not waited for)."""
+        with self._lock:
+            self._stopped = True
+            count = len(self._threads)
+        for _ in range(count):
+            self._items.put(None)
+
+    def _worker(self) -> None:
+        while True:
+            item = self._items.get()  # Cannot hang for good: stop() sends one None per worker.
+            if item is None:
+                return
+            try:
+                self._work(item)
+            except Exception:
+                _logger.exception("admission worker failed")
+            with self._lock:
+                self._idle += 1

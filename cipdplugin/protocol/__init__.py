@@ -1,0 +1,31 @@
+"""The CIPD plugin wire protocol: ``.proto`` sources and their generated modules.
+
+``cipd_pb2`` holds the shared repository messages (package ``cipd``),
+``plugin_pb2`` and ``plugin_pb2_grpc`` the plugin protocol (package
+``cipd.plugin``). Regenerate them with ``make protos``.
+"""
+
+from cipdplugin.protocol import cipd_pb2, plugin_pb2
+
+#: The admission protocol version this implementation speaks.
+PROTOCOL_VERSION = 1
+
+#: Metadata key that carries a plugin's ticket on every RPC.
+TICKET_METADATA_KEY = "x-plugin-ticket"
+
+#: Full gRPC method paths, as they go on the wire.
+HOST_LOG = "/cipd.plugin.Host/Log"
+HOST_LIST_METADATA = "/cipd.plugin.Host/ListMetadata"
+ADMISSIONS_LIST = "/cipd.plugin.Admissions/ListAdmissions"
+ADMISSIONS_RESOLVE = "/cipd.plugin.Admissions/ResolveAdmission"
+
+__all__ = [
+    "ADMISSIONS_LIST",
+    "ADMISSIONS_RESOLVE",
+    "HOST_LIST_METADATA",
+    "HOST_LOG",
+    "PROTOCOL_VERSION",
+    "TICKET_METADATA_KEY",
+    "cipd_pb2",
+    "plugin_pb2",
+]

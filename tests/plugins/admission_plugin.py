@@ -1,0 +1,148 @@
+"""A test admission plugin with modes, run by the tests as a real subprocess.
+
+Usage: admission_plugin.py MODE [ARG...]. Modes:
+
+* ``admit``: admits everything except packages under ``deny/`` (denied) and
+  ``error/`` (answered with PERMISSION_DENIED).
+* ``metadata``: admits if the instance has a metadata entry ``allow``;
+  ``metadata-first`` only looks at the first entry; ``metadata-all`` with
+  a page size (argument) visits every entry and denies, saying how many.
+* ``raise``: the handler raises ValueError.
+* ``slow``: each handler sleeps the given seconds (default 0.2).
+* ``log``: logs at every level, then admits.
+* ``crash-on-start``: exits 3 at once; ``crash-on-second``: exits 7 on the second check.
+* ``never-connect``: reads the handshake and sleeps.
+* ``wrong-version``: asks for protocol version 2.
+* ``ignore-eof``: admits, and keeps running after stdin closes.
+* ``ignore-sigterm``: like ignore-eof, and ignores SIGTERM too; with an
+  argument N it first starts N children (and grandchildren) that do the same.
+* ``stuck-handler``: the handler never returns (but the plugin must still exit on EOF).
+* ``flood``: writes the given number of lines to stderr and logs as many records, then admits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from cipdplugin.plugins import admission, read_handshake
+
+_checks = 0
+_checks_lock = threading.Lock()
+
+
+def _count() -> int:
+    global _checks
+    with _checks_lock:
+        _checks += 1
+        return _checks
+
+
+def main(argv: list[str]) -> int:
+    mode = argv[1] if len(argv) > 1 else "admit"
+    args = argv[2:]
+
+    if mode == "crash-on-start":
+        print("crashing on start as asked", file=sys.stderr)
+        return 3
+    if mode == "never-connect":
+        read_handshake(sys.stdin.buffer)
+        time.sleep(600)
+        return 0
+    if mode == "ignore-sigterm":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _start_stubborn_children(int(args[0]) if args else 0)
+    if mode in ("ignore-eof", "ignore-sigterm"):
+        code = admission.run(_admit_all, version="test-plugin 1.0")
+        while True:
+            time.sleep(1)
+        return code
+    if mode == "wrong-version":
+        admission.PROTOCOL_VERSION = 2  # type: ignore[attr-defined]
+        from cipdplugin.plugins import admission as module
+
+        module.PROTOCOL_VERSION = 2  # type: ignore[attr-defined]
+    if mode == "flood":
+        count = int(args[0]) if args else 1000
+        for i in range(count):
+            print(f"flood line {i}", file=sys.stderr)
+        sys.stderr.flush()
+
+    def handler(request: admission.Request, info: admission.InstanceInfo) -> None:
+        n = _count()
+        if mode in {"admit", "wrong-version"}:
+            _admit_by_name(request)
+        elif mode == "metadata":
+            if not any(md.key == "allow" for md in info.metadata()):
+                raise admission.Denied("no 'allow' metadata")
+        elif mode == "metadata-first":
+            for md in info.metadata():
+                if md.key == "allow":
+                    return
+                raise admission.Denied(f"newest entry is {md.key!r}")
+            raise admission.Denied("no metadata")
+        elif mode == "metadata-all":
+            seen = sum(1 for _ in info.metadata(page_size=int(args[0]) if args else 20))
+            raise admission.Denied(f"visited {seen} entries")
+        elif mode == "raise":
+            raise ValueError("boom")
+        elif mode == "slow":
+            time.sleep(float(args[0]) if args else 0.2)
+        elif mode == "log":
+            log = logging.getLogger("test-plugin")
+            log.debug("a debug line")
+            log.info("an info line")
+            log.warning("a warning line")
+            log.error("an error line")
+        elif mode == "crash-on-second":
+            if n >= 2:
+                os._exit(7)
+        elif mode == "stuck-handler":
+            threading.Event().wait()
+        elif mode == "flood":
+            for i in range(int(args[0]) if args else 1000):
+                logging.getLogger("flood").warning("flood record %d", i)
+        else:
+            raise admission.Error(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {mode}")
+
+    if mode == "log":
+        logging.getLogger().setLevel(logging.DEBUG)
+    return admission.run(handler, version="test-plugin 1.0")
+
+
+def _admit_by_name(request: admission.Request) -> None:
+    if request.package.startswith("deny/"):
+        raise admission.Denied(f"{request.package} is denied")
+    if request.package.startswith("error/"):
+        raise admission.Error(grpc.StatusCode.PERMISSION_DENIED, "no access")
+
+
+def _admit_all(request: admission.Request, info: admission.InstanceInfo) -> None:
+    _admit_by_name(request)
+
+
+def _start_stubborn_children(count: int) -> None:
+    for _ in range(count):
+        # Each child ignores SIGTERM and starts a grandchild that does the same.
+        code = (
+            "import signal, subprocess, sys, time;"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            "subprocess.Popen([sys.executable, '-c', "
+            "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'],"
+            " stdin=subprocess.DEVNULL);"
+            "time.sleep(600)"
+        )
+        subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
