@@ -24,8 +24,8 @@ import grpc
 # Run from a checkout without installing: make the package importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cipdplugin.plugins import admission  # noqa: E402
-from cipdplugin.protocol.cipd_pb2 import SHA256  # noqa: E402
+from cipdplugin.plugins import admission
+from cipdplugin.protocol.cipd_pb2 import SHA256
 
 ALLOW_KEY = "allowed-sha256"
 log = logging.getLogger("allowlist")

@@ -18,7 +18,7 @@ from pathlib import Path
 # Run from a checkout without installing: make the package importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cipdplugin import (  # noqa: E402
+from cipdplugin import (
     DEFAULT_SERVICE_URL,
     AdmissionDenied,
     AdmissionError,
@@ -34,10 +34,10 @@ HERE = Path(__file__).resolve().parent
 def read_pins(path: Path) -> list[Pin]:
     """Pins from a text file, one ``package:instance_id`` a line (``#`` comments)."""
     pins = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            pins.append(Pin.parse(line))
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        text = raw.split("#", 1)[0].strip()
+        if text:
+            pins.append(Pin.parse(text))
     return pins
 
 
@@ -89,7 +89,7 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, str, str, str]]) 
     shown = [header] + [(p, i[:12] + "…", v, r) for p, i, v, r in rows]
     widths = [max(len(row[col]) for row in shown) for col in range(len(header) - 1)]
     for row in shown:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
         print("  ".join([*cells, row[-1]]))
 
 
