@@ -37,7 +37,8 @@ class Config:
     def __post_init__(self) -> None:
         if not isinstance(self.service_url, str) or not self.service_url:
             raise ValueError(f"Config.service_url must be a non-empty string, got {self.service_url!r}")
-        if self.repository is not None and not isinstance(self.repository, RepositoryClient):
+        # isinstance() on a Protocol only checks that the attribute exists.
+        if self.repository is not None and not callable(getattr(self.repository, "list_metadata", None)):
             raise TypeError(
                 f"Config.repository must have a list_metadata(request) method, got {self.repository!r}"
             )

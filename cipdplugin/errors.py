@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -27,6 +29,17 @@ class AdmissionError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code!r}, {self.message!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take other constructor arguments than ``args`` holds, so
+        # pickle and copy rebuild from the attributes instead of calling them.
+        return (_restore, (type(self), self.code, self.message), self.__dict__)
+
+
+def _restore(cls: type[AdmissionError], code: grpc.StatusCode, message: str) -> AdmissionError:
+    error = cls.__new__(cls)
+    AdmissionError.__init__(error, code, message)
+    return error
 
 
 class AdmissionDenied(AdmissionError):

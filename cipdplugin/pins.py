@@ -10,7 +10,9 @@ SHA-1 digests are always written in the legacy hex form, as the Go client
 does, so the base64 spelling of a SHA-1 digest is rejected: every valid ID
 then has exactly one spelling and both conversions round-trip exactly.
 Non-canonical base64 (stray bits in the last character) is rejected for the
-same reason.
+same reason. Every 40-character ID is read as the legacy form, again as in
+Go, so a digest of an unknown algorithm that would encode to 40 characters
+(29 bytes) is rejected too.
 """
 
 from __future__ import annotations
@@ -23,20 +25,24 @@ from dataclasses import dataclass
 from cipdplugin.errors import InvalidPinError
 from cipdplugin.protocol.cipd_pb2 import HASH_ALGO_UNSPECIFIED, SHA1, SHA256, ObjectRef
 
-_PACKAGE_NAME = re.compile(r"^([a-z0-9_\-.]+/)*[a-z0-9_\-.]+$")
-_LEGACY_HEX_ID = re.compile(r"^[0-9a-f]{40}$")
-_BASE64_URL = re.compile(r"^[A-Za-z0-9_-]+$")
-_LOWER_HEX = re.compile(r"^(?:[0-9a-f]{2})+$")
+# Matched with fullmatch: "$" would also accept a trailing newline.
+_PACKAGE_NAME = re.compile(r"([a-z0-9_\-.]+/)*[a-z0-9_\-.]+")
+_LEGACY_HEX_ID = re.compile(r"[0-9a-f]{40}")
+_BASE64_URL = re.compile(r"[A-Za-z0-9_-]+")
+_LOWER_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 
 #: Digest length in bytes of each known hash algorithm.
 DIGEST_SIZES: dict[int, int] = {SHA1: 20, SHA256: 32}
 #: Bounds for the digest of an algorithm this version does not know yet.
 _UNKNOWN_DIGEST_BYTES = range(16, 65)
+#: This digest plus the algorithm byte encodes to 40 base64 characters, the
+#: length of the legacy hex form, which every 40-character ID is read as.
+_AMBIGUOUS_DIGEST_BYTES = 29
 
 
 def validate_package_name(name: str) -> str:
     """Return ``name`` if it is a valid package name, else raise ``InvalidPinError``."""
-    if not isinstance(name, str) or not _PACKAGE_NAME.match(name):
+    if not isinstance(name, str) or not _PACKAGE_NAME.fullmatch(name):
         raise InvalidPinError(
             f"invalid package name {name!r}: use lowercase letters, digits and '_-.', "
             "with '/' between path components"
@@ -51,7 +57,7 @@ def _validate_digest(algo: int, hex_digest: str, what: str) -> None:
         raise InvalidPinError(f"invalid {what}: hash algorithm is unspecified")
     if not 0 < algo < 256:
         raise InvalidPinError(f"invalid {what}: hash algorithm {algo} does not fit in one byte")
-    if not _LOWER_HEX.match(hex_digest):
+    if not _LOWER_HEX.fullmatch(hex_digest):
         raise InvalidPinError(f"invalid {what}: digest {hex_digest!r} is not lowercase hex")
     size = len(hex_digest) // 2
     expected = DIGEST_SIZES.get(algo)
@@ -59,6 +65,11 @@ def _validate_digest(algo: int, hex_digest: str, what: str) -> None:
         raise InvalidPinError(f"invalid {what}: a {_algo_name(algo)} digest has {expected} bytes, got {size}")
     if expected is None and size not in _UNKNOWN_DIGEST_BYTES:
         raise InvalidPinError(f"invalid {what}: digest of {size} bytes for unknown hash algorithm {algo}")
+    if expected is None and size == _AMBIGUOUS_DIGEST_BYTES:
+        raise InvalidPinError(
+            f"invalid {what}: a {size}-byte digest would make a 40-character ID, "
+            "which is read as a legacy SHA1 ID"
+        )
 
 
 def _algo_name(algo: int) -> str:
@@ -74,12 +85,12 @@ def instance_id_to_object_ref(instance_id: str) -> ObjectRef:
     """
     if not isinstance(instance_id, str):
         raise InvalidPinError(f"invalid instance ID {instance_id!r}: not a string")
-    if len(instance_id) == 40 and _LEGACY_HEX_ID.match(instance_id):
+    if len(instance_id) == 40 and _LEGACY_HEX_ID.fullmatch(instance_id):
         return ObjectRef(hash_algo=SHA1, hex_digest=instance_id)
     what = f"instance ID {instance_id!r}"
-    if len(instance_id) == 40 and re.fullmatch(r"[0-9a-fA-F]{40}", instance_id):
-        raise InvalidPinError(f"invalid {what}: a hex instance ID must be lowercase")
-    if not _BASE64_URL.match(instance_id) or len(instance_id) % 4 == 1:
+    if len(instance_id) == 40:
+        raise InvalidPinError(f"invalid {what}: a 40-character instance ID must be lowercase hex")
+    if not _BASE64_URL.fullmatch(instance_id) or len(instance_id) % 4 == 1:
         raise InvalidPinError(
             f"invalid {what}: expected 40 lowercase hex characters or unpadded URL-safe base64"
         )

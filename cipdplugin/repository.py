@@ -13,7 +13,7 @@ The file format (all keys but ``instances`` optional)::
               "value": "<text>",            // or "value_base64": "<base64>"
               "content_type": "text/plain",
               "attached_by": "user:someone@example.com",
-              "attached_ts": "2026-01-31T12:00:00Z",
+              "attached_ts": "2026-01-31T12:00:00Z",  // RFC 3339; no offset means UTC
               "fingerprint": "<hex>"        // derived from key and value if absent
             }
           ]
@@ -21,10 +21,13 @@ The file format (all keys but ``instances`` optional)::
       ]
     }
 
+Unknown fields are errors, so that a misspelt one is not silently ignored.
+
 Listings return entries newest first (by ``attached_ts``; entries without
 one are oldest, and ties keep file order, later first), filtered by
-``keys`` when given, in pages of ``page_size`` (100 when unset) with opaque
-page tokens. An instance the file does not mention has no metadata.
+``keys`` when given, in pages of ``page_size`` (100 when unset, at most
+1000) with opaque page tokens. An instance the file does not mention has no
+metadata.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ import binascii
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import grpc
@@ -47,6 +51,14 @@ from cipdplugin.protocol.cipd_pb2 import InstanceMetadata, ListMetadataRequest, 
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+
+_FILE_FIELDS = {"instances"}
+_INSTANCE_FIELDS = {"package", "instance_id", "metadata"}
+_ENTRY_FIELDS = {"key", "value", "value_base64", "content_type", "attached_by", "attached_ts", "fingerprint"}
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})?")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: The range of google.protobuf.Timestamp: years 1 to 9999.
+_TIMESTAMP_SECONDS = range(-62135596800, 253402300800)
 
 
 class RepositoryFileError(ValueError):
@@ -67,7 +79,8 @@ class StaticRepository:
     def __init__(self, entries: Mapping[Pin, Iterable[InstanceMetadata]] | None = None) -> None:
         self._entries: dict[Pin, list[InstanceMetadata]] = {}
         for pin, items in (entries or {}).items():
-            self._entries[pin] = _newest_first(list(items))
+            # Copies, so that callers changing their messages cannot change ours.
+            self._entries[pin] = _newest_first([_copy(md) for md in items])
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> StaticRepository:
@@ -90,13 +103,15 @@ class StaticRepository:
     @classmethod
     def from_json(cls, data: Any, *, source: str = "metadata") -> StaticRepository:
         """Build a repository from already-parsed JSON (see ``from_file``)."""
-        if not isinstance(data, dict) or not isinstance(data.get("instances", []), list):
+        if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
             raise RepositoryFileError(f"{source}: expected an object with an 'instances' list")
+        _reject_unknown(data, _FILE_FIELDS, source)
         entries: dict[Pin, list[InstanceMetadata]] = {}
-        for index, instance in enumerate(data.get("instances", [])):
+        for index, instance in enumerate(data["instances"]):
             where = f"{source}: instances[{index}]"
             if not isinstance(instance, dict):
                 raise RepositoryFileError(f"{where}: expected an object")
+            _reject_unknown(instance, _INSTANCE_FIELDS, where)
             try:
                 pin = Pin(
                     _field(instance, "package", str, where), _field(instance, "instance_id", str, where)
@@ -143,23 +158,25 @@ def _field(obj: Mapping[str, Any], name: str, kind: type, where: str, *, require
     value = obj[name]
     if not isinstance(value, kind):
         raise RepositoryFileError(f"{where}.{name}: expected {kind.__name__}, got {type(value).__name__}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON escapes can spell lone surrogates, which no protobuf string holds.
+            raise RepositoryFileError(f"{where}.{name}: not valid Unicode text") from None
     return value
+
+
+def _reject_unknown(obj: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = set(obj) - known
+    if unknown:
+        raise RepositoryFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
 
 
 def _parse_entry(item: Any, where: str) -> InstanceMetadata:
     if not isinstance(item, dict):
         raise RepositoryFileError(f"{where}: expected an object")
-    unknown = set(item) - {
-        "key",
-        "value",
-        "value_base64",
-        "content_type",
-        "attached_by",
-        "attached_ts",
-        "fingerprint",
-    }
-    if unknown:
-        raise RepositoryFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    _reject_unknown(item, _ENTRY_FIELDS, where)
     key = _field(item, "key", str, where)
     if not key:
         raise RepositoryFileError(f"{where}.key: must not be empty")
@@ -170,7 +187,7 @@ def _parse_entry(item: Any, where: str) -> InstanceMetadata:
     else:
         try:
             value = base64.b64decode(_field(item, "value_base64", str, where), validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or non-ASCII text
             raise RepositoryFileError(f"{where}.value_base64: {exc}") from None
     entry = InstanceMetadata(
         key=key,
@@ -187,21 +204,36 @@ def _parse_entry(item: Any, where: str) -> InstanceMetadata:
 
 
 def _parse_timestamp(text: str, where: str) -> Timestamp:
+    # A pattern first: datetime.fromisoformat accepts other forms, differently
+    # on each Python version, and does not keep nanoseconds.
+    match = _RFC3339.fullmatch(text)
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if match is None:
+            raise ValueError(text)
+        date, clock, fraction, offset = match.groups()
+        offset = "+00:00" if offset in (None, "Z", "z") else offset
+        moment = datetime.fromisoformat(f"{date}T{clock}{offset}")
     except ValueError:
         raise RepositoryFileError(f"{where}: {text!r} is not an RFC 3339 time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    ts = Timestamp()
-    ts.FromDatetime(moment.astimezone(timezone.utc))
-    return ts
+    seconds = (moment - _EPOCH) // timedelta(seconds=1)
+    if seconds not in _TIMESTAMP_SECONDS:
+        raise RepositoryFileError(f"{where}: {text!r} is outside years 1 to 9999")
+    return Timestamp(seconds=seconds, nanos=int((fraction or "").ljust(9, "0")))
+
+
+def _copy(entry: InstanceMetadata) -> InstanceMetadata:
+    copy = InstanceMetadata()
+    copy.CopyFrom(entry)
+    return copy
 
 
 def _newest_first(entries: list[InstanceMetadata]) -> list[InstanceMetadata]:
     # Reverse first so that, with a stable sort, later file entries win ties.
     entries = entries[::-1]
-    entries.sort(key=lambda md: (md.attached_ts.seconds, md.attached_ts.nanos), reverse=True)
+    entries.sort(
+        key=lambda md: (md.HasField("attached_ts"), md.attached_ts.seconds, md.attached_ts.nanos),
+        reverse=True,
+    )
     return entries
 
 

@@ -65,7 +65,10 @@ def admission_id(admission: plugin_pb2.Admission, salt: bytes) -> str:
     """The ID of an admission: base64 (standard, unpadded) of SHA-256 over
     ``salt + b"\\n"`` and the deterministic serialization of the admission
     without its ID."""
-    digest = hashlib.sha256(salt + b"\n" + admission.SerializeToString(deterministic=True)).digest()
+    without_id = plugin_pb2.Admission()
+    without_id.CopyFrom(admission)
+    without_id.ClearField("admission_id")
+    digest = hashlib.sha256(salt + b"\n" + without_id.SerializeToString(deterministic=True)).digest()
     return base64.b64encode(digest).decode("ascii").rstrip("=")
 
 

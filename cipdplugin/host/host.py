@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401  (see the exit hook at the end)
 import json
 import logging
 import os
@@ -77,6 +78,11 @@ class Host:
         return self._config
 
     @property
+    def port(self) -> int:
+        """The loopback port plugins connect to; 0 until the first launch."""
+        return self._server.port
+
+    @property
     def service_url(self) -> str:
         config = self._config
         return config.service_url if config is not None else ""
@@ -133,12 +139,21 @@ class Host:
         """
         cmdline = _checked_cmdline(cmdline)
         session = PluginSession(name=os.path.basename(cmdline[0]), controller=controller)
+        # The controller hears of the exit only once the launch has
+        # succeeded: a launch that fails raises instead. The process may exit
+        # on either side of that moment, so whichever comes second notifies.
+        handover_lock = threading.Lock()
+        handover = {"launched": False, "exited": False}
 
         def exited(process: PluginProcess) -> None:
             self._server.forget(session)
             with self._lock:
                 self._processes.discard(process)
-            controller.plugin_exited(process)
+            with handover_lock:
+                handover["exited"] = True
+                notify = handover["launched"]
+            if notify:
+                controller.plugin_exited(process)
 
         with self._lock:
             if self._closing:
@@ -156,6 +171,11 @@ class Host:
         self._server.register(session)
         handshake = json.dumps({"port": port, "ticket": session.ticket}, separators=(",", ":"))
         process.write_line(handshake.encode("ascii") + b"\n")
+        with handover_lock:
+            handover["launched"] = True
+            notify = handover["exited"]
+        if notify:
+            controller.plugin_exited(process)
         return process
 
     def close(self, timeout: float | None = None) -> None:
@@ -206,9 +226,11 @@ def _close_live_hosts() -> None:
         host.close()
 
 
-# threading's exit hooks run before non-daemon threads are joined (and in
-# reverse order of registration, so before the thread pools' own hook),
-# which is what lets a blocked server thread be released instead of hanging
-# the exit. Plain atexit is the fallback.
+# threading's exit hooks run before non-daemon threads are joined, in reverse
+# order of registration. The thread pool module registers a hook that joins
+# its workers, and a server worker may be blocked in a plugin's stream until
+# the host closes: so that module is imported first (it registers lazily
+# otherwise), making our hook run before its hook. Plain atexit is the
+# fallback where the hook is missing.
 _register_exit_hook = getattr(threading, "_register_atexit", atexit.register)
 _register_exit_hook(_close_live_hosts)

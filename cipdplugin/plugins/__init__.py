@@ -52,13 +52,16 @@ def parse_handshake(line: bytes | str) -> Handshake:
     """
     try:
         data: Any = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: deeply nested arrays fit well within the line limit.
         raise HandshakeError(f"the handshake is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise HandshakeError(f"the handshake must be a JSON object, got {type(data).__name__}")
     port, ticket = data.get("port"), data.get("ticket")
-    if isinstance(port, str) and port.isdigit():
-        port = int(port)  # protojson may quote integers; accept both spellings
+    # protojson may quote integers; accept both spellings. ASCII digits only,
+    # and few of them: int() rejects "²" and 5000-digit strings with ValueError.
+    if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
+        port = int(port)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise HandshakeError(f"the handshake has no valid 'port' (1-65535): {port!r}")
     if not isinstance(ticket, str) or not ticket:

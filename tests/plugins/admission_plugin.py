@@ -12,6 +12,8 @@ Usage: admission_plugin.py MODE [ARG...]. Modes:
 * ``log``: logs at every level, then admits.
 * ``crash-on-start``: exits 3 at once; ``crash-on-second``: exits 7 on the second check.
 * ``never-connect``: reads the handshake and sleeps.
+* ``crash-on-connect``: reads the handshake, then exits 4 before ListAdmissions.
+* ``slow-connect``: waits the given seconds (default 1) before connecting, then acts as ``admit``.
 * ``wrong-version``: asks for protocol version 2.
 * ``ignore-eof``: admits, and keeps running after stdin closes.
 * ``ignore-sigterm``: like ignore-eof, and ignores SIGTERM too; with an
@@ -58,6 +60,14 @@ def main(argv: list[str]) -> int:
         read_handshake(sys.stdin.buffer)
         time.sleep(600)
         return 0
+    if mode == "crash-on-connect":
+        read_handshake(sys.stdin.buffer)
+        print("crashing while connecting as asked", file=sys.stderr)
+        return 4
+    if mode == "slow-connect":
+        # The handshake waits in the pipe meanwhile; then serve as "admit".
+        time.sleep(float(args[0]) if args else 1.0)
+        mode = "admit"
     if mode == "ignore-sigterm":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _start_stubborn_children(int(args[0]) if args else 0)
