@@ -19,6 +19,7 @@ Usage: admission_plugin.py MODE [ARG...]. Modes:
 * ``ignore-sigterm``: like ignore-eof, and ignores SIGTERM too; with an
   argument N it first starts N children (and grandchildren) that do the same.
 * ``stuck-handler``: the handler never returns (but the plugin must still exit on EOF).
+* ``echo-request``: denies, with "<service_url> <pin> <hash_algo> <hex_digest>" as the message.
 * ``flood``: writes the given number of lines to stderr and logs as many records, then admits.
 """
 
@@ -118,6 +119,11 @@ def main(argv: list[str]) -> int:
                 os._exit(7)
         elif mode == "stuck-handler":
             threading.Event().wait()
+        elif mode == "echo-request":
+            instance = request.instance
+            raise admission.Denied(
+                f"{request.service_url} {request.pin} {instance.hash_algo} {instance.hex_digest}"
+            )
         elif mode == "flood":
             for i in range(int(args[0]) if args else 1000):
                 logging.getLogger("flood").warning("flood record %d", i)
