@@ -1,0 +1,494 @@
+"""``cipdplugin check``, driven through the real console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO_ROOT, SHA256_ID, hex_id, plugin_cmd
+
+PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
+INSTALLED_SCRIPT = Path(sys.executable).parent / "cipdplugin"
+ALLOWLIST_PLUGIN = REPO_ROOT / "examples" / "allowlist_plugin.py"
+PIN_FIELDS = {"pin", "package", "instance_id", "verdict", "code", "message"}
+
+ADMITTED_PIN = f"ok/tool:{hex_id(1)}"
+DENIED_PIN = f"deny/tool:{hex_id(2)}"
+ERROR_PIN = f"error/tool:{hex_id(3)}"
+
+
+def run_cli(
+    *args: str,
+    stdin: str = "",
+    env: dict[str, str] | None = None,
+    executable: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cipdplugin`` with ``args`` and no inherited plugin variable."""
+    environment = {name: value for name, value in os.environ.items() if name != PLUGIN_ENV}
+    environment.update(env or {})
+    command = executable or [sys.executable, "-m", "cipdplugin"]
+    return subprocess.run(
+        [*command, *args],
+        check=False,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+
+
+def check(mode: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``cipdplugin check`` with the test plugin in ``mode``."""
+    return run_cli("check", "--plugin", json.dumps(plugin_cmd(mode)), *args, **kwargs)
+
+
+def report(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def verdicts(result: subprocess.CompletedProcess[str]) -> list[tuple[str, str]]:
+    """(verdict, code) of each pin of a ``--json`` report, in order."""
+    return [(entry["verdict"], entry["code"]) for entry in report(result)["pins"]]
+
+
+def ensure_output(pins_by_subdir: dict[str, list[str]]) -> str:
+    """What ``cipd ensure -json-output`` writes for these pins."""
+    result = {
+        subdir: [dict(zip(("package", "instance_id"), pin.split(":"), strict=True)) for pin in pins]
+        for subdir, pins in pins_by_subdir.items()
+    }
+    return json.dumps({"result": result})
+
+
+# -- Verdicts and exit codes ---------------------------------------------------
+
+
+def test_all_admitted_exits_0_with_one_line_per_pin() -> None:
+    second = f"ok/other:{SHA256_ID}"
+    result = check("admit", ADMITTED_PIN, second)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"admitted  {ADMITTED_PIN}", f"admitted  {second}"]
+    assert result.stderr == ""
+
+
+def test_denied_exits_1_with_the_reason() -> None:
+    result = check("admit", DENIED_PIN, ADMITTED_PIN)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        f"denied    {DENIED_PIN}: deny/tool is denied",
+        f"admitted  {ADMITTED_PIN}",
+    ]
+
+
+def test_failed_check_exits_2_even_with_denials() -> None:
+    result = check("admit", ADMITTED_PIN, ERROR_PIN, DENIED_PIN)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout.splitlines() == [
+        f"admitted  {ADMITTED_PIN}",
+        f"error     {ERROR_PIN}: PERMISSION_DENIED: no access",
+        f"denied    {DENIED_PIN}: deny/tool is denied",
+    ]
+
+
+def test_json_report_schema() -> None:
+    bad_package = f"Bad/Name:{hex_id(4)}"
+    result = check("admit", "--json", DENIED_PIN, ADMITTED_PIN, ERROR_PIN, bad_package, "no-colon")
+    assert result.returncode == 2, result.stderr
+    data = report(result)
+    assert set(data) == {"pins", "totals"}
+    assert data["totals"] == {"admitted": 1, "denied": 1, "error": 3}
+    for entry in data["pins"]:
+        assert set(entry) == PIN_FIELDS
+    assert data["pins"][:3] == [
+        {
+            "pin": DENIED_PIN,
+            "package": "deny/tool",
+            "instance_id": hex_id(2),
+            "verdict": "denied",
+            "code": "FAILED_PRECONDITION",
+            "message": "deny/tool is denied",
+        },
+        {
+            "pin": ADMITTED_PIN,
+            "package": "ok/tool",
+            "instance_id": hex_id(1),
+            "verdict": "admitted",
+            "code": "OK",
+            "message": "",
+        },
+        {
+            "pin": ERROR_PIN,
+            "package": "error/tool",
+            "instance_id": hex_id(3),
+            "verdict": "error",
+            "code": "PERMISSION_DENIED",
+            "message": "no access",
+        },
+    ]
+    bad, unparsable = data["pins"][3:]
+    assert (bad["pin"], bad["package"], bad["verdict"], bad["code"]) == (
+        bad_package,
+        "Bad/Name",
+        "error",
+        "INVALID_ARGUMENT",
+    )
+    assert "invalid package name 'Bad/Name'" in bad["message"]
+    assert (unparsable["pin"], unparsable["package"], unparsable["instance_id"]) == ("no-colon", None, None)
+    assert "expected 'package:instance_id'" in unparsable["message"]
+
+
+def test_json_report_exit_codes_match_text_mode() -> None:
+    assert check("admit", "--json", ADMITTED_PIN).returncode == 0
+    denied = check("admit", "--json", DENIED_PIN)
+    assert denied.returncode == 1
+    assert report(denied)["totals"] == {"admitted": 0, "denied": 1, "error": 0}
+
+
+def test_installed_console_script() -> None:
+    if not INSTALLED_SCRIPT.exists():
+        pytest.skip("the package is not installed in this environment (no cipdplugin script)")
+    result = run_cli(
+        "check",
+        "--plugin",
+        json.dumps(plugin_cmd("admit")),
+        ADMITTED_PIN,
+        DENIED_PIN,
+        executable=[str(INSTALLED_SCRIPT)],
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[0] == f"admitted  {ADMITTED_PIN}"
+    assert result.stdout.splitlines()[1].startswith(f"denied    {DENIED_PIN}: ")
+
+
+# -- Where the plugin comes from -----------------------------------------------
+
+
+def test_plugin_from_environment_variable() -> None:
+    result = run_cli("check", ADMITTED_PIN, DENIED_PIN, env={PLUGIN_ENV: json.dumps(plugin_cmd("admit"))})
+    assert result.returncode == 1, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["admitted", "denied"]
+
+
+def test_plugin_option_wins_over_environment_variable() -> None:
+    result = check("admit", ADMITTED_PIN, env={PLUGIN_ENV: '["/nonexistent/plugin"]'})
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("plugin", "expected"),
+    [
+        ("not json", "--plugin is not valid JSON"),
+        ('{"cmd": "x"}', "--plugin must be a JSON list of strings, got an object"),
+        ('"/bin/plugin"', "--plugin must be a JSON list of strings, got a string"),
+        ("[]", "--plugin is an empty list"),
+        ('["/bin/plugin", 3]', "--plugin: item 1 must be a string"),
+        ('[""]', "the executable (item 0) must not be empty"),
+    ],
+)
+def test_invalid_plugin_option_is_a_usage_error(plugin: str, expected: str) -> None:
+    result = run_cli("check", "--plugin", plugin, ADMITTED_PIN)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert result.stdout == ""
+
+
+def test_invalid_environment_variable_is_a_usage_error() -> None:
+    result = run_cli("check", ADMITTED_PIN, env={PLUGIN_ENV: "[oops"})
+    assert result.returncode == 2
+    assert f"${PLUGIN_ENV} is not valid JSON" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("env", [{}, {PLUGIN_ENV: ""}], ids=["unset", "empty"])
+def test_missing_plugin_is_a_usage_error(env: dict[str, str]) -> None:
+    result = run_cli("check", ADMITTED_PIN, env=env)
+    assert result.returncode == 2
+    assert "no plugin given" in result.stderr
+    assert result.stdout == ""
+
+
+def test_plugin_that_does_not_exist_fails_every_check() -> None:
+    result = run_cli("check", "--json", "--plugin", '["/nonexistent/plugin"]', ADMITTED_PIN, DENIED_PIN)
+    assert result.returncode == 2
+    data = report(result)
+    assert verdicts(result) == [("error", "UNAVAILABLE")] * 2
+    assert all("/nonexistent/plugin" in entry["message"] for entry in data["pins"])
+
+
+def test_plugin_crashing_midway_fails_the_remaining_pins() -> None:
+    pins = [f"ok/tool{n}:{hex_id(n)}" for n in range(6)]
+    result = check("crash-on-second", "--json", *pins)
+    assert result.returncode == 2
+    data = report(result)
+    assert [entry["pin"] for entry in data["pins"]] == pins
+    # Which checks got in before the crash is up to the plugin's threads.
+    assert set(verdicts(result)) <= {("admitted", "OK"), ("error", "ABORTED")}
+    assert data["totals"]["error"] >= len(pins) - 1
+
+
+def test_timeout_reports_unanswered_pins_and_stops_the_plugin() -> None:
+    result = check("stuck-handler", "--timeout", "0.5", "--json", ADMITTED_PIN, DENIED_PIN)
+    assert result.returncode == 2
+    assert verdicts(result) == [("error", "DEADLINE_EXCEEDED")] * 2
+    assert "0.5 s" in report(result)["pins"][0]["message"]
+
+
+# -- Pins ----------------------------------------------------------------------
+
+
+def test_pins_json_from_standard_input_in_file_order() -> None:
+    pins = {"": [DENIED_PIN, ADMITTED_PIN], "tools": [f"ok/other:{SHA256_ID}"]}
+    result = check("admit", "--json", "--pins-json", "-", stdin=ensure_output(pins))
+    assert result.returncode == 1, result.stderr
+    assert [entry["pin"] for entry in report(result)["pins"]] == [*pins[""], *pins["tools"]]
+    assert verdicts(result) == [("denied", "FAILED_PRECONDITION"), ("admitted", "OK"), ("admitted", "OK")]
+
+
+def test_pins_json_file_after_pin_arguments(tmp_path: Path) -> None:
+    pins_file = tmp_path / "pins.json"
+    pins_file.write_text(ensure_output({"sub": [DENIED_PIN]}), encoding="utf-8")
+    result = check("admit", ADMITTED_PIN, "--pins-json", str(pins_file))
+    assert result.returncode == 1, result.stderr
+    assert [line.split()[:2] for line in result.stdout.splitlines()] == [
+        ["admitted", ADMITTED_PIN],
+        ["denied", f"{DENIED_PIN}:"],
+    ]
+
+
+def test_invalid_pins_are_reported_individually_and_not_checked() -> None:
+    stdin = json.dumps(
+        {
+            "result": {
+                "": [
+                    {"package": "ok/json", "instance_id": "not-an-id"},
+                    {"package": "ok/b", "instance_id": hex_id(5)},
+                ]
+            }
+        }
+    )
+    result = check("admit", "UPPER:" + hex_id(6), ADMITTED_PIN, "a:b:c", "--pins-json", "-", stdin=stdin)
+    assert result.returncode == 2, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5
+    assert lines[0].startswith(f"error     UPPER:{hex_id(6)}: INVALID_ARGUMENT: invalid package name 'UPPER'")
+    assert lines[1] == f"admitted  {ADMITTED_PIN}"
+    assert lines[2].startswith("error     a:b:c: INVALID_ARGUMENT: invalid pin 'a:b:c'")
+    assert lines[3].startswith(
+        "error     ok/json:not-an-id: INVALID_ARGUMENT: invalid instance ID 'not-an-id'"
+    )
+    assert lines[4] == f"admitted  ok/b:{hex_id(5)}"
+
+
+def test_only_invalid_pins_still_report_without_a_plugin_run() -> None:
+    result = run_cli("check", "--plugin", '["/nonexistent/plugin"]', "--json", "bad")
+    assert result.returncode == 2
+    assert verdicts(result) == [("error", "INVALID_ARGUMENT")]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("{not json", "is not valid JSON"),
+        ("[]", "got a list"),
+        ('{"pins": []}', "no 'result' key"),
+        ('{"result": null, "error": "boom"}', "records a failed cipd run, not pins: boom"),
+        ('{"result": [1]}', "'result' must map subdirectories to lists, got a list"),
+        ('{"result": {"sub": {}}}', "result['sub'] must be a list, got an object"),
+        ('{"result": {"": ["x:y"]}}', "result[''][0] must be an object, got a string"),
+        ('{"result": {"": [{"package": "ok/a"}]}}', "'instance_id' must be a string, got missing"),
+        (
+            '{"result": {"": [{"package": 1, "instance_id": "x"}]}}',
+            "'package' must be a string, got a number",
+        ),
+    ],
+)
+def test_malformed_pins_file_is_a_usage_error(tmp_path: Path, content: str, expected: str) -> None:
+    pins_file = tmp_path / "pins.json"
+    pins_file.write_text(content, encoding="utf-8")
+    result = check("admit", ADMITTED_PIN, "--pins-json", str(pins_file))
+    assert result.returncode == 2
+    assert f"pins file '{pins_file}'" in result.stderr
+    assert expected in result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_pins_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = check("admit", "--pins-json", str(tmp_path / "absent.json"))
+    assert result.returncode == 2
+    assert "cannot read pins file" in result.stderr
+    assert "No such file or directory" in result.stderr
+
+
+def test_no_pins_is_a_usage_error() -> None:
+    result = check("admit")
+    assert result.returncode == 2
+    assert "no pins to check" in result.stderr
+    empty = check("admit", "--pins-json", "-", stdin='{"result": {}}')
+    assert empty.returncode == 2
+    assert "no pins to check" in empty.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--timeout", "0"], "must be a positive number of seconds"),
+        (["--timeout", "soon"], "not a number of seconds"),
+        (["--service-url", ""], "--service-url must not be empty"),
+        (["--pins-json", "-", "--pins-json", "-"], "may be given only once"),
+        (["-v", "-q"], "not allowed with argument"),
+    ],
+)
+def test_bad_options_are_usage_errors(args: list[str], expected: str) -> None:
+    result = check("admit", *args, ADMITTED_PIN)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert result.stdout == ""
+
+
+# -- Metadata ------------------------------------------------------------------
+
+
+def test_metadata_file_is_served_to_the_plugin(tmp_path: Path) -> None:
+    metadata = tmp_path / "metadata.json"
+    allowed = {"package": "ok/tool", "instance_id": hex_id(1), "metadata": [{"key": "allow", "value": "yes"}]}
+    metadata.write_text(json.dumps({"instances": [allowed]}), encoding="utf-8")
+    result = check("metadata", "--metadata", str(metadata), ADMITTED_PIN, f"ok/tool:{hex_id(9)}")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        f"admitted  {ADMITTED_PIN}",
+        f"denied    ok/tool:{hex_id(9)}: no 'allow' metadata",
+    ]
+
+
+def test_without_metadata_file_metadata_is_unimplemented() -> None:
+    result = check("metadata", "--json", ADMITTED_PIN)
+    assert result.returncode == 2
+    assert verdicts(result) == [("error", "UNIMPLEMENTED")]
+
+
+def test_malformed_metadata_file_is_a_usage_error(tmp_path: Path) -> None:
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text('{"instances": {}}', encoding="utf-8")
+    result = check("metadata", "--metadata", str(metadata), ADMITTED_PIN)
+    assert result.returncode == 2
+    assert "expected an object with an 'instances' list" in result.stderr
+    assert result.stdout == ""
+
+
+# -- Logs, progress and help ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "shown", "hidden"),
+    [
+        ([], ["a warning line", "an error line"], ["an info line", "a debug line"]),
+        (["-v"], ["an info line", "a warning line"], ["a debug line"]),
+        (["-vv"], ["a debug line", "an info line"], []),
+        (["-q"], [], ["an error line", "a warning line"]),
+    ],
+)
+def test_verbosity_controls_plugin_logs_on_stderr_only(
+    flags: list[str], shown: list[str], hidden: list[str]
+) -> None:
+    result = check("log", *flags, ADMITTED_PIN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"admitted  {ADMITTED_PIN}\n"
+    for text in shown:
+        assert text in result.stderr
+    for text in hidden:
+        assert text not in result.stderr
+
+
+def _read_terminal(master: int) -> str:
+    chunks = []
+    while select.select([master], [], [], 5)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def test_progress_is_shown_on_a_terminal_for_long_runs() -> None:
+    pins = [f"ok/tool{n}:{hex_id(n)}" for n in range(25)]
+    master, terminal = os.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "cipdplugin", "check", "--plugin", json.dumps(plugin_cmd("admit")), *pins],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=60,
+        )
+        os.close(terminal)
+        terminal = -1
+        progress = _read_terminal(master)
+    finally:
+        os.close(master)
+        if terminal >= 0:
+            os.close(terminal)
+    assert result.returncode == 0
+    assert len(result.stdout.splitlines()) == 25
+    assert "checked 25/25" in progress
+
+
+def test_no_progress_when_stderr_is_not_a_terminal() -> None:
+    pins = [f"ok/tool{n}:{hex_id(n)}" for n in range(25)]
+    result = check("admit", *pins)
+    assert result.returncode == 0
+    assert result.stderr == ""
+
+
+def test_help_explains_usage_with_an_example() -> None:
+    result = run_cli("check", "--help")
+    assert result.returncode == 0
+    for text in ("example:", "exit status:", PLUGIN_ENV, "--pins-json", '"totals"', "cipd ensure"):
+        assert text in result.stdout
+
+
+def test_no_subcommand_prints_help_and_exits_2() -> None:
+    result = run_cli()
+    assert result.returncode == 2
+    assert "usage: cipdplugin" in result.stderr
+    assert "check" in result.stderr
+    assert result.stdout == ""
+
+
+def test_allowlist_example_plugin() -> None:
+    examples = REPO_ROOT / "examples"
+    if not all((examples / name).exists() for name in ("allowlist_plugin.py", "metadata.json", "pins.txt")):
+        pytest.skip("the allowlist example is not there")
+    pins = [
+        line
+        for line in (REPO_ROOT / "examples" / "pins.txt").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    ]
+    result = run_cli(
+        "check",
+        "--json",
+        "--plugin",
+        json.dumps([sys.executable, str(ALLOWLIST_PLUGIN)]),
+        "--metadata",
+        str(REPO_ROOT / "examples" / "metadata.json"),
+        *pins,
+    )
+    assert result.returncode == 1, result.stderr
+    by_package = {entry["package"]: entry["verdict"] for entry in report(result)["pins"]}
+    assert by_package["infra/tools/deployer/linux-amd64"] == "admitted"
+    assert by_package["experimental/shiny-tool"] == "denied"
