@@ -51,6 +51,10 @@ from cipdplugin.protocol.cipd_pb2 import InstanceMetadata, ListMetadataRequest, 
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+#: The CIPD backend's limits on metadata keys and values.
+MAX_KEY_LENGTH = 400
+MAX_VALUE_BYTES = 512 * 1024
+_METADATA_KEY = re.compile(r"[a-z0-9_\-]+")
 
 _FILE_FIELDS = {"instances"}
 _INSTANCE_FIELDS = {"package", "instance_id", "metadata"}
@@ -178,8 +182,10 @@ def _parse_entry(item: Any, where: str) -> InstanceMetadata:
         raise RepositoryFileError(f"{where}: expected an object")
     _reject_unknown(item, _ENTRY_FIELDS, where)
     key = _field(item, "key", str, where)
-    if not key:
-        raise RepositoryFileError(f"{where}.key: must not be empty")
+    if not _METADATA_KEY.fullmatch(key) or len(key) > MAX_KEY_LENGTH:
+        raise RepositoryFileError(
+            f"{where}.key: {key!r} is not a metadata key (1 to {MAX_KEY_LENGTH} of a-z, 0-9, '_' and '-')"
+        )
     if ("value" in item) == ("value_base64" in item):
         raise RepositoryFileError(f"{where}: give exactly one of 'value' and 'value_base64'")
     if "value" in item:
@@ -189,6 +195,8 @@ def _parse_entry(item: Any, where: str) -> InstanceMetadata:
             value = base64.b64decode(_field(item, "value_base64", str, where), validate=True)
         except ValueError as exc:  # binascii.Error, or non-ASCII text
             raise RepositoryFileError(f"{where}.value_base64: {exc}") from None
+    if len(value) > MAX_VALUE_BYTES:
+        raise RepositoryFileError(f"{where}: the value has {len(value)} bytes, more than {MAX_VALUE_BYTES}")
     entry = InstanceMetadata(
         key=key,
         value=value,
