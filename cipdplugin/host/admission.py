@@ -234,7 +234,13 @@ class AdmissionPlugin:
         try:
             process = self._host.launch_plugin(self._cmdline, self)
         except PluginStartError as exc:
-            self._reject_all(exc)
+            # Host.close() races with this launch: it refuses the launch before
+            # its thread gets to close this plugin. That is a close, not a
+            # failure to start, and pending checks must say so.
+            if self._host._closing:
+                self._reject_all(PluginAbortedError(f"plugin {self._name!r} was closed"), PluginState.CLOSED)
+            else:
+                self._reject_all(exc)
             return
         except Exception as exc:
             self._reject_all(PluginStartError(f"cannot start plugin {self.executable!r}: {exc}"))

@@ -69,7 +69,9 @@ class Host:
         self._launched = False  # a plugin was launched: the config is fixed
         self._closing = False
         self._closed = threading.Event()
-        self._plugins: list[AdmissionPlugin] = []  # every admission plugin made here
+        # Admission plugins made here. Weak: a running one is also held by
+        # its process's exit callback, and a dropped idle one needs no close.
+        self._plugins: weakref.WeakSet[AdmissionPlugin] = weakref.WeakSet()
         self._processes: set[PluginProcess] = set()  # running processes of any kind
         _live_hosts.add(self)
 
@@ -125,7 +127,7 @@ class Host:
         with self._lock:
             if self._closing:
                 raise RuntimeError("the host is closed")
-            self._plugins.append(plugin)
+            self._plugins.add(plugin)
         return plugin
 
     def launch_plugin(self, cmdline: Sequence[str], controller: PluginController) -> PluginProcess:

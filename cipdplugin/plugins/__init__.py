@@ -64,8 +64,9 @@ def parse_handshake(line: bytes | str) -> Handshake:
         port = int(port)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise HandshakeError(f"the handshake has no valid 'port' (1-65535): {port!r}")
-    if not isinstance(ticket, str) or not ticket:
-        raise HandshakeError("the handshake has no valid 'ticket' (a non-empty string)")
+    # gRPC refuses metadata values outside printable ASCII, and only at the first call.
+    if not isinstance(ticket, str) or not ticket or not (ticket.isascii() and ticket.isprintable()):
+        raise HandshakeError("the handshake has no valid 'ticket' (a non-empty string of printable ASCII)")
     return Handshake(port=port, ticket=ticket)
 
 
