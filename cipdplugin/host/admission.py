@@ -237,7 +237,7 @@ class AdmissionPlugin:
             # Host.close() races with this launch: it refuses the launch before
             # its thread gets to close this plugin. That is a close, not a
             # failure to start, and pending checks must say so.
-            if self._host._closing:
+            if self._host.closed:
                 self._reject_all(PluginAbortedError(f"plugin {self._name!r} was closed"), PluginState.CLOSED)
             else:
                 self._reject_all(exc)

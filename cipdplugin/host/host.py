@@ -80,6 +80,11 @@ class Host:
         return self._config
 
     @property
+    def closed(self) -> bool:
+        """Whether ``close()`` has been called (it may still be running)."""
+        return self._closing
+
+    @property
     def port(self) -> int:
         """The loopback port plugins connect to; 0 until the first launch."""
         return self._server.port
