@@ -2,8 +2,9 @@
 
 Usage: ``python benchmarks/profile_burst.py [--checks N] [--rate HZ] [--raw FILE]``.
 
-Runs one steady-state burst through one plugin (as ``benchmarks/run.py``
-does) under py-spy, sampling the host and the plugin process together, and
+Runs one steady-state burst through one warm plugin (as ``benchmarks/run.py``
+does) with py-spy attached to the host and the plugin process for the
+burst only, and
 prints for each process the share of samples per area of code (our host
 code, our plugin SDK, grpc's Python layer, the standard library's threading
 and futures, other) and the top functions, by own time and including
@@ -22,16 +23,25 @@ import collections
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.run import ADMIT_PLUGIN, SERVICE_URL, expect_admitted, make_pins, warm_up_pin
+from cipdplugin import Config, Host
+
+#: Time for py-spy to attach before the burst starts.
+ATTACH_DELAY = 1.0
+
 #: (area, pattern on "function (file:line)") in order; the first match wins.
 AREAS = [
-    ("cipdplugin host", re.compile(r"cipdplugin/(host|pins|errors)")),
+    ("cipdplugin host", re.compile(r"cipdplugin/host")),
+    ("cipdplugin pins (both sides)", re.compile(r"cipdplugin/pins")),
     ("cipdplugin plugin SDK", re.compile(r"cipdplugin/plugins|benchmarks/plugins")),
     ("cipdplugin other", re.compile(r"cipdplugin/")),
     ("grpc (Python layer)", re.compile(r"grpc/")),
@@ -54,11 +64,34 @@ def find_py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-def run_target(checks: int) -> None:
-    from benchmarks.run import library_burst, make_pins
+def profile_burst(py_spy: str, checks: int, rate: int, raw: Path) -> float:
+    """Run a steady-state burst with py-spy attached to this process and its plugin.
 
-    details = library_burst(make_pins(checks), 1, warm=True)
-    print(f"profiled burst: {checks / details['seconds']:.0f} checks/s", file=sys.stderr)
+    py-spy is attached after the warm-up and stopped right after the burst,
+    so start-up and shutdown are not in the samples. Returns checks/s.
+    """
+    host = Host(Config(SERVICE_URL))
+    try:
+        plugin = host.new_admission_plugin(ADMIT_PLUGIN)
+        expect_admitted(plugin.check_admission(warm_up_pin(0)))
+        pins = make_pins(checks)
+        command = [
+            py_spy, "record", "--pid", str(os.getpid()), "--subprocesses", "--gil", "--nonblocking",
+            "--format", "raw", "--rate", str(rate), "--output", str(raw),
+        ]  # fmt: skip
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as sampler:
+            time.sleep(ATTACH_DELAY)
+            start = time.perf_counter()
+            for future in [plugin.check_admission(pin) for pin in pins]:
+                expect_admitted(future)
+            elapsed = time.perf_counter() - start
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+            _, errors = sampler.communicate(timeout=60)
+            if sampler.returncode != 0 and not raw.exists():
+                raise RuntimeError(f"py-spy failed: {errors.decode(errors='replace').strip()}")
+    finally:
+        host.close()
+    return checks / elapsed
 
 
 def summarize(raw: Path, top: int) -> str:
@@ -94,6 +127,10 @@ def summarize(raw: Path, top: int) -> str:
         lines.append("  top functions, including callees:")
         for call, count in inclusive[process].most_common(top):
             lines.append(f"    {count / total:6.1%}  {call}")
+        lines.append("  cipdplugin functions, including callees:")
+        ours = [(call, count) for call, count in inclusive[process].most_common() if "cipdplugin/" in call]
+        for call, count in ours[:top]:
+            lines.append(f"    {count / total:6.1%}  {call}")
         lines.append("")
     return "\n".join(lines)
 
@@ -104,23 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--top", type=int, default=25, help="functions listed per table")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw samples here")
-    parser.add_argument("--target", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.target:
-        run_target(args.checks)
-        return 0
     py_spy = find_py_spy()
     if py_spy is None:
         print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as scratch:
         raw = args.raw or Path(scratch) / "samples.txt"
-        command = [
-            py_spy, "record", "--subprocesses", "--gil", "--nonblocking", "--format", "raw",
-            "--rate", str(args.rate), "--output", str(raw), "--",
-            sys.executable, os.path.abspath(__file__), "--target", "--checks", str(args.checks),
-        ]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        rate = profile_burst(py_spy, args.checks, args.rate, raw)
+        print(f"{args.checks} checks through one warm plugin: {rate:.0f} checks/s under the profiler\n")
         print(summarize(raw, args.top))
     return 0
 
