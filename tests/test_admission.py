@@ -302,3 +302,18 @@ def test_admission_request_carries_the_pin_and_service_url(make_host: Callable[.
     error = plugin.check_admission(sha256_pin).exception(timeout=30)
     assert isinstance(error, AdmissionDenied)
     assert error.message == f"{SERVICE_URL} {sha256_pin} 2 {sha256_pin.object_ref.hex_digest}"
+
+
+def test_closing_the_host_from_a_future_callback(make_host: Callable[..., Host]) -> None:
+    host = make_host()
+    plugin = host.new_admission_plugin(plugin_cmd("admit"))
+    closed = threading.Event()
+
+    def close_host(_: Future[None]) -> None:
+        host.close()
+        closed.set()
+
+    # The callback runs on the server thread that receives the resolution.
+    plugin.check_admission(PIN).add_done_callback(close_host)
+    assert closed.wait(15)
+    assert plugin.state is PluginState.CLOSED

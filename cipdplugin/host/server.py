@@ -161,6 +161,8 @@ class PluginServer:
         executor.shutdown(wait=False)
         # ThreadPoolExecutor offers no bounded join; its threads are known.
         for thread in list(getattr(executor, "_threads", ())):
+            if thread is threading.current_thread():
+                continue  # close() called from a Future callback on a server thread
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 logging.getLogger(__name__).warning(
