@@ -254,14 +254,17 @@ def measure_throughput(settings: Settings, results: Results) -> None:
             if not large or variant == "pool-4"
         ]
         runs += [
-            ("library.1-plugin.steady", functools.partial(library_burst, pins, 1, warm=True)),
-            (f"library.{spread}-plugins.steady", functools.partial(library_burst, pins, spread, warm=True)),
+            ("cipdplugin.1-plugin.steady", functools.partial(library_burst, pins, 1, warm=True)),
+            (
+                f"cipdplugin.{spread}-plugins.steady",
+                functools.partial(library_burst, pins, spread, warm=True),
+            ),
         ]
         if not large:
             runs += [
-                ("library.1-plugin.cold", functools.partial(library_burst, pins, 1, warm=False)),
+                ("cipdplugin.1-plugin.cold", functools.partial(library_burst, pins, 1, warm=False)),
                 (
-                    f"library.{spread}-plugins.cold",
+                    f"cipdplugin.{spread}-plugins.cold",
                     functools.partial(library_burst, pins, spread, warm=False),
                 ),
             ]
@@ -432,7 +435,7 @@ def best_bare(results: Results, size: int) -> tuple[str, float] | None:
 
 def judge(settings: Settings, results: Results) -> None:
     for size in settings.sizes:
-        name = f"throughput.library.1-plugin.steady.{size}"
+        name = f"throughput.cipdplugin.1-plugin.steady.{size}"
         bare = best_bare(results, size)
         if results.has(name) and bare is not None:
             ratio = results.measurements[name].median / bare[1]
@@ -447,7 +450,7 @@ def judge(settings: Settings, results: Results) -> None:
                 )
             )
     smallest = min(settings.sizes)
-    cold_name = f"throughput.library.1-plugin.cold.{smallest}"
+    cold_name = f"throughput.cipdplugin.1-plugin.cold.{smallest}"
     if results.has("process_per_pin.seconds_per_pin") and results.has(cold_name):
         per_pin = statistics.mean(results.measurements["process_per_pin.seconds_per_pin"].values)
         library_seconds = results.measurements[cold_name].median_detail("seconds")
