@@ -22,9 +22,8 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 import grpc
 
@@ -34,34 +33,36 @@ from cipdplugin import (
     AdmissionError,
     Config,
     Host,
-    InvalidPinError,
-    Pin,
-    RepositoryFileError,
-    StaticRepository,
     __version__,
 )
+from cipdplugin.cli.inputs import (
+    PLUGIN_ENV,
+    PinRequest,
+    UsageError,
+    load_config,
+    parse_pin_argument,
+    plugin_cmdline,
+    read_pins_file,
+)
+from cipdplugin.cli.report import (
+    ADMITTED,
+    DENIED,
+    ERROR,
+    EXIT_ERROR,
+    Verdict,
+    exit_status,
+    json_report,
+)
 
-#: The environment variable the Go CIPD client reads its admission plugin from.
-PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
 #: Default limit, in seconds, for the whole run.
 DEFAULT_TIMEOUT = 300.0
 #: Longer pin lists get a progress indicator when stderr is a terminal.
 PROGRESS_THRESHOLD = 20
 #: How often the progress indicator is refreshed, in seconds.
 _PROGRESS_INTERVAL = 0.1
-
-EXIT_ADMITTED = 0
-EXIT_DENIED = 1
-EXIT_ERROR = 2
 #: Exit status after SIGINT/SIGTERM, following the shell's 128 + signal convention.
 _EXIT_INTERRUPTED = 128 + signal.SIGINT
 _EXIT_TERMINATED = 128 + signal.SIGTERM
-
-ADMITTED = "admitted"
-DENIED = "denied"
-ERROR = "error"
-#: Width of the verdict column of the text report.
-_VERDICT_WIDTH = 10
 
 _DESCRIPTION = """\
 Ask a CIPD deployment-admission plugin whether package instances may be
@@ -123,188 +124,6 @@ example:
   cipd ensure -ensure-file cipd.ensure -root out -json-output pins.json
   CIPD_ADMISSION_PLUGIN='["/opt/plugin"]' cipdplugin check --json --pins-json pins.json
 """
-
-
-class UsageError(Exception):
-    """The command line or an input file is unusable; the message says why."""
-
-
-@dataclass(frozen=True)
-class PinRequest:
-    """One pin as the user gave it, valid or not.
-
-    ``pin`` is None exactly when the input is invalid, and ``problem`` then
-    says why. ``package`` and ``instance_id`` are what could be read of it.
-    """
-
-    text: str
-    package: str | None
-    instance_id: str | None
-    pin: Pin | None
-    problem: str = ""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The outcome of one pin: ``verdict`` is ADMITTED, DENIED or ERROR."""
-
-    request: PinRequest
-    verdict: str
-    code: grpc.StatusCode
-    message: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "pin": self.request.text,
-            "package": self.request.package,
-            "instance_id": self.request.instance_id,
-            "verdict": self.verdict,
-            "code": self.code.name,
-            "message": self.message,
-        }
-
-    def as_line(self) -> str:
-        line = f"{self.verdict:<{_VERDICT_WIDTH}}{self.request.text}"
-        if self.verdict == DENIED:
-            line += f": {self.message}"
-        elif self.verdict == ERROR:
-            line += f": {self.code.name}: {self.message}" if self.message else f": {self.code.name}"
-        # One line per pin, whatever the plugin's message holds.
-        return " ".join(line.splitlines())
-
-
-# -- Reading the input ---------------------------------------------------------
-
-
-def _json_type(value: object) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
-
-
-def parse_plugin_cmdline(text: str, source: str) -> list[str]:
-    """The plugin command line from ``text``, a JSON list of strings.
-
-    Raises:
-        UsageError: ``text`` is not JSON, not a list, empty, or holds a
-            non-string or an empty executable; ``source`` names where it came from.
-    """
-    example = 'e.g. \'["/path/to/plugin", "--flag"]\''
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"{source} is not valid JSON ({exc}); expected a list of strings, {example}"
-        ) from None
-    if not isinstance(value, list):
-        raise UsageError(f"{source} must be a JSON list of strings, got {_json_type(value)}; {example}")
-    if not value:
-        raise UsageError(f"{source} is an empty list; it must name at least the plugin executable")
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            raise UsageError(f"{source}: item {index} must be a string, got {_json_type(item)} {item!r}")
-    if not value[0]:
-        raise UsageError(f"{source}: the executable (item 0) must not be empty")
-    return value
-
-
-def plugin_cmdline(option: str | None, environ: Mapping[str, str]) -> list[str]:
-    """The plugin command line from ``--plugin``, else from the environment.
-
-    Raises:
-        UsageError: neither gives one, or the one given is malformed.
-    """
-    if option is not None:
-        return parse_plugin_cmdline(option, "--plugin")
-    from_env = environ.get(PLUGIN_ENV, "")
-    if from_env:
-        return parse_plugin_cmdline(from_env, f"${PLUGIN_ENV}")
-    raise UsageError(f"no plugin given: use --plugin JSON_LIST or set {PLUGIN_ENV}")
-
-
-def pin_request(package: str, instance_id: str, text: str | None = None) -> PinRequest:
-    """A request for ``package`` at ``instance_id``, invalid if either is malformed."""
-    shown = f"{package}:{instance_id}" if text is None else text
-    try:
-        return PinRequest(shown, package, instance_id, Pin(package, instance_id))
-    except InvalidPinError as exc:
-        return PinRequest(shown, package, instance_id, None, str(exc))
-
-
-def parse_pin_argument(text: str) -> PinRequest:
-    """A request from a ``package:instance_id`` argument, invalid if malformed."""
-    try:
-        pin = Pin.parse(text)
-    except InvalidPinError as exc:
-        if text.count(":") == 1:
-            package, instance_id = text.split(":")
-            return PinRequest(text, package, instance_id, None, str(exc))
-        return PinRequest(text, None, None, None, str(exc))
-    return PinRequest(text, pin.package, pin.instance_id, pin)
-
-
-def read_pins_file(path: str, stdin: TextIO) -> list[PinRequest]:
-    """The pins of a ``cipd ensure -json-output`` file (``"-"``: ``stdin``), in file order.
-
-    Pins with malformed names or IDs come back as invalid requests.
-
-    Raises:
-        UsageError: the file cannot be read, is not JSON, or has another shape.
-    """
-    name = "pins from standard input" if path == "-" else f"pins file {path!r}"
-    try:
-        if path == "-":
-            text = stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read {name}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{name} is not UTF-8 text: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{name} is not valid JSON: {exc}") from None
-    shape = 'expected {"result": {"<subdir>": [{"package": ..., "instance_id": ...}]}}'
-    if not isinstance(data, dict):
-        raise UsageError(f"{name}: {shape}, got {_json_type(data)}")
-    if data.get("result") is None and data.get("error"):
-        raise UsageError(f"{name} records a failed cipd run, not pins: {data['error']}")
-    if "result" not in data:
-        raise UsageError(f"{name}: no 'result' key; {shape}")
-    result = data["result"]
-    if not isinstance(result, dict):
-        raise UsageError(f"{name}: 'result' must map subdirectories to lists, got {_json_type(result)}")
-    requests: list[PinRequest] = []
-    for subdir, entries in result.items():
-        if not isinstance(entries, list):
-            raise UsageError(f"{name}: result[{subdir!r}] must be a list, got {_json_type(entries)}")
-        for index, entry in enumerate(entries):
-            where = f"{name}: result[{subdir!r}][{index}]"
-            if not isinstance(entry, dict):
-                raise UsageError(f"{where} must be an object, got {_json_type(entry)}")
-            for field in ("package", "instance_id"):
-                if not isinstance(entry.get(field), str):
-                    found = "missing" if field not in entry else _json_type(entry[field])
-                    raise UsageError(f"{where}: {field!r} must be a string, got {found}")
-            requests.append(pin_request(entry["package"], entry["instance_id"]))
-    return requests
-
-
-def load_config(service_url: str, metadata: str | None) -> Config:
-    """The host's config: the backend URL and, with a metadata file, a repository.
-
-    Raises:
-        UsageError: the URL is empty or the metadata file is unusable.
-    """
-    if not service_url:
-        raise UsageError("--service-url must not be empty")
-    if metadata is None:
-        return Config(service_url)
-    try:
-        return Config(service_url, StaticRepository.from_file(metadata))
-    except RepositoryFileError as exc:
-        raise UsageError(str(exc)) from None
 
 
 # -- Running the checks --------------------------------------------------------
@@ -406,24 +225,6 @@ def check_pins(
             _wait_all([f for f in futures if f is not None], deadline, progress)
         # Before the host closes: closing fails whatever is still pending.
         return [_verdict(request, future, timeout) for request, future in zip(requests, futures, strict=True)]
-
-
-def exit_status(verdicts: Sequence[Verdict]) -> int:
-    """0 if all admitted, 2 if any check failed, else 1 (some denied)."""
-    outcomes = {verdict.verdict for verdict in verdicts}
-    if ERROR in outcomes:
-        return EXIT_ERROR
-    if DENIED in outcomes:
-        return EXIT_DENIED
-    return EXIT_ADMITTED
-
-
-def json_report(verdicts: Sequence[Verdict]) -> dict[str, Any]:
-    """The ``--json`` report (its schema is in the help text)."""
-    totals = dict.fromkeys((ADMITTED, DENIED, ERROR), 0)
-    for verdict in verdicts:
-        totals[verdict.verdict] += 1
-    return {"pins": [verdict.as_json() for verdict in verdicts], "totals": totals}
 
 
 # -- The command line ----------------------------------------------------------

@@ -1,0 +1,69 @@
+"""The verdicts of ``cipdplugin check`` and how they are reported: text
+lines, the ``--json`` report and the exit status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from cipdplugin.cli.inputs import PinRequest
+
+EXIT_ADMITTED = 0
+EXIT_DENIED = 1
+EXIT_ERROR = 2
+
+ADMITTED = "admitted"
+DENIED = "denied"
+ERROR = "error"
+#: Width of the verdict column of the text report.
+_VERDICT_WIDTH = 10
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one pin: ``verdict`` is ADMITTED, DENIED or ERROR."""
+
+    request: PinRequest
+    verdict: str
+    code: grpc.StatusCode
+    message: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "pin": self.request.text,
+            "package": self.request.package,
+            "instance_id": self.request.instance_id,
+            "verdict": self.verdict,
+            "code": self.code.name,
+            "message": self.message,
+        }
+
+    def as_line(self) -> str:
+        line = f"{self.verdict:<{_VERDICT_WIDTH}}{self.request.text}"
+        if self.verdict == DENIED:
+            line += f": {self.message}"
+        elif self.verdict == ERROR:
+            line += f": {self.code.name}: {self.message}" if self.message else f": {self.code.name}"
+        # One line per pin, whatever the plugin's message holds.
+        return " ".join(line.splitlines())
+
+
+def exit_status(verdicts: Sequence[Verdict]) -> int:
+    """0 if all admitted, 2 if any check failed, else 1 (some denied)."""
+    outcomes = {verdict.verdict for verdict in verdicts}
+    if ERROR in outcomes:
+        return EXIT_ERROR
+    if DENIED in outcomes:
+        return EXIT_DENIED
+    return EXIT_ADMITTED
+
+
+def json_report(verdicts: Sequence[Verdict]) -> dict[str, Any]:
+    """The ``--json`` report (its schema is in the help text)."""
+    totals = dict.fromkeys((ADMITTED, DENIED, ERROR), 0)
+    for verdict in verdicts:
+        totals[verdict.verdict] += 1
+    return {"pins": [verdict.as_json() for verdict in verdicts], "totals": totals}
