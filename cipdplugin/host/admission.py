@@ -25,13 +25,14 @@ from cipdplugin.errors import (
     PluginAbortedError,
     PluginStartError,
 )
+from cipdplugin.host.process import termination_span
 from cipdplugin.pins import Pin
 from cipdplugin.protocol import PROTOCOL_VERSION, plugin_pb2
 
 if TYPE_CHECKING:
     from cipdplugin.host.host import Host
     from cipdplugin.host.process import PluginProcess
-    from cipdplugin.host.server import PluginServer
+    from cipdplugin.host.server import PluginServer, PluginSession
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_MAX_PENDING = 1024
@@ -78,9 +79,11 @@ def admission_id(admission: plugin_pb2.Admission, salt: bytes) -> str:
     """The ID of an admission: base64 (standard, unpadded) of SHA-256 over
     ``salt + b"\\n"`` and the deterministic serialization of the admission
     without its ID."""
-    without_id = plugin_pb2.Admission()
-    without_id.CopyFrom(admission)
-    without_id.ClearField("admission_id")
+    without_id = admission
+    if admission.admission_id:
+        without_id = plugin_pb2.Admission()
+        without_id.CopyFrom(admission)
+        without_id.ClearField("admission_id")
     digest = hashlib.sha256(salt + b"\n" + without_id.SerializeToString(deterministic=True)).digest()
     return base64.b64encode(digest).decode("ascii").rstrip("=")
 
@@ -203,7 +206,7 @@ class AdmissionPlugin:
         plugin is still starting. Returns within the termination deadline
         (5 s, or ``timeout`` if shorter) plus a small constant.
         """
-        deadline = time.monotonic() + (5.0 if timeout is None else timeout)
+        deadline = time.monotonic() + termination_span(timeout)
         self._reject_all(PluginAbortedError(f"plugin {self._name!r} was closed"), PluginState.CLOSED)
         launcher = self._launcher
         if launcher is not None and launcher is not threading.current_thread():
@@ -296,9 +299,13 @@ class AdmissionPlugin:
         self,
         request: plugin_pb2.ListAdmissionsRequest,
         context: grpc.ServicerContext,
-        forget_ticket: Callable[[], None],
+        refuse: Callable[[], None],
     ) -> Iterator[plugin_pb2.Admission]:
-        """The ListAdmissions stream: hand queued checks to the plugin until it ends."""
+        """The ListAdmissions stream: hand queued checks to the plugin until it ends.
+
+        ``refuse`` forgets the plugin's ticket and closes its stdin; it is
+        called when the plugin speaks another protocol version.
+        """
         with self._lock:
             claimed, self._stream_claimed = self._stream_claimed, True
         if claimed:
@@ -309,9 +316,7 @@ class AdmissionPlugin:
                 f"{request.protocol_version}, the host speaks {PROTOCOL_VERSION}"
             )
             self._reject_all(PluginStartError(message, grpc.StatusCode.FAILED_PRECONDITION))
-            forget_ticket()
-            if self._process is not None:
-                self._process.close_stdin()
+            refuse()
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
         with self._lock:
             if self._state is PluginState.STARTING:
@@ -396,17 +401,26 @@ class AdmissionsService:
             },
         )
 
-    def _plugin(self, context: grpc.ServicerContext) -> tuple[AdmissionPlugin, Callable[[], None]]:
+    def _plugin(self, context: grpc.ServicerContext) -> tuple[AdmissionPlugin, PluginSession]:
         session = self._server.session_for(context)
         if not isinstance(session.controller, AdmissionPlugin):
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this plugin is not an admission plugin")
-        return session.controller, lambda: self._server.forget(session)
+        return session.controller, session
 
     def list_admissions(
         self, request: plugin_pb2.ListAdmissionsRequest, context: grpc.ServicerContext
     ) -> Iterator[plugin_pb2.Admission]:
-        plugin, forget = self._plugin(context)
-        yield from plugin.serve_admissions(request, context, forget)
+        plugin, session = self._plugin(context)
+
+        def refuse() -> None:
+            # The session's process is set before the handshake is written,
+            # so it is there even if the plugin connects before its launch
+            # has returned to the launcher thread.
+            self._server.forget(session)
+            if session.process is not None:
+                session.process.close_stdin()
+
+        yield from plugin.serve_admissions(request, context, refuse)
 
     def resolve_admission(
         self, request: plugin_pb2.ResolveAdmissionRequest, context: grpc.ServicerContext

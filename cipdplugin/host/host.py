@@ -21,7 +21,7 @@ from cipdplugin.host.admission import (
     AdmissionPlugin,
     AdmissionsService,
 )
-from cipdplugin.host.process import KILL_DEADLINE, PluginProcess
+from cipdplugin.host.process import PluginProcess, termination_span
 from cipdplugin.host.server import PluginServer, PluginSession, ServerStartError
 from cipdplugin.host.services import HostService
 
@@ -192,7 +192,7 @@ class Host:
         termination deadline (5 s, or ``timeout`` if shorter) plus a small
         constant; a concurrent second call waits for the first.
         """
-        span = KILL_DEADLINE if timeout is None else max(0.0, min(timeout, KILL_DEADLINE))
+        span = termination_span(timeout)
         deadline = time.monotonic() + span
         with self._lock:
             first = not self._closing

@@ -34,6 +34,11 @@ STDERR_TAIL = 5
 _KILL_SETTLE = 1.0
 
 
+def termination_span(timeout: float | None) -> float:
+    """How long a termination may take: the 5 s deadline, or ``timeout`` if shorter."""
+    return KILL_DEADLINE if timeout is None else max(0.0, min(timeout, KILL_DEADLINE))
+
+
 def describe_exit(returncode: int | None) -> str:
     """``"exited with code 3"`` or ``"was killed by SIGKILL"``."""
     if returncode is None:
@@ -188,7 +193,7 @@ class PluginProcess:
         reparented. Returns within the deadline plus a small constant; safe to
         call from several threads and more than once.
         """
-        deadline_span = KILL_DEADLINE if timeout is None else max(0.0, min(timeout, KILL_DEADLINE))
+        deadline_span = termination_span(timeout)
         deadline = time.monotonic() + deadline_span
         family = self._descendants()
         self.close_stdin()
