@@ -1,0 +1,400 @@
+"""``cipdplugin check``: ask an admission plugin about pins from the command line.
+
+For legacy tooling that cannot import Python: it launches the plugin the way
+the Go CIPD client does, checks every pin at once, prints one verdict per
+pin and sums them up in the exit code. The help text (``cipdplugin check
+--help``) is the user's documentation; the README repeats it.
+
+Streams: stdout carries only the report (text lines or ``--json``), so it
+stays machine-parsable; logs and the progress indicator go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from types import FrameType
+from typing import TextIO
+
+import grpc
+
+from cipdplugin import (
+    DEFAULT_SERVICE_URL,
+    AdmissionDenied,
+    AdmissionError,
+    Config,
+    Host,
+    __version__,
+)
+from cipdplugin.cli.inputs import (
+    PLUGIN_ENV,
+    PinRequest,
+    UsageError,
+    load_config,
+    parse_pin_argument,
+    plugin_cmdline,
+    read_pins_file,
+)
+from cipdplugin.cli.report import (
+    ADMITTED,
+    DENIED,
+    ERROR,
+    EXIT_ERROR,
+    Verdict,
+    exit_status,
+    json_report,
+)
+
+#: Default limit, in seconds, for the whole run.
+DEFAULT_TIMEOUT = 300.0
+#: Longer pin lists get a progress indicator when stderr is a terminal.
+PROGRESS_THRESHOLD = 20
+#: How often the progress indicator is refreshed, in seconds.
+_PROGRESS_INTERVAL = 0.1
+#: Exit status after SIGINT/SIGTERM, following the shell's 128 + signal convention.
+_EXIT_INTERRUPTED = 128 + signal.SIGINT
+_EXIT_TERMINATED = 128 + signal.SIGTERM
+
+_DESCRIPTION = """\
+Ask a CIPD deployment-admission plugin whether package instances may be
+deployed, exactly as the CIPD client would before installing them.
+
+The plugin is launched once, every pin is checked concurrently, and one line
+per pin is printed to stdout in input order:
+
+  admitted  <package>:<instance_id>
+  denied    <package>:<instance_id>: <the plugin's reason>
+  error     <package>:<instance_id>: <status code>: <what went wrong>
+
+"denied" is a policy decision of the plugin; "error" means the check itself
+failed (invalid pin, plugin missing or crashed, timeout, ...).
+"""
+
+_EPILOG = f"""\
+plugin command line:
+  --plugin, or else the {PLUGIN_ENV} environment variable (as the Go CIPD
+  client reads it; an empty value counts as unset), holds a JSON list of
+  strings: the executable and its arguments, e.g. '["/opt/plugin", "-v"]'.
+
+pins:
+  PIN arguments are "package:instance_id". --pins-json reads the file that
+  `cipd ensure -json-output FILE` writes ("-" reads standard input):
+    {{"result": {{"<subdir>": [{{"package": "...", "instance_id": "..."}}, ...]}}}}
+  Invalid pins are reported as errors and never sent to the plugin.
+
+metadata:
+  Plugins may ask for instance metadata. --metadata serves it from a JSON file
+  (the StaticRepository format, see the README); without it, such requests
+  fail with UNIMPLEMENTED.
+
+--json report (printed to stdout instead of the lines):
+  {{"pins": [{{"pin": "<as given>", "package": "<str or null>",
+             "instance_id": "<str or null>",
+             "verdict": "admitted" | "denied" | "error",
+             "code": "OK" | "<gRPC status code name>", "message": "<str>"}}, ...],
+   "totals": {{"admitted": <n>, "denied": <n>, "error": <n>}}}}
+  Pins appear in input order; "message" is "" for admitted pins.
+
+logging (stderr only):
+  by default only warnings and errors (including the plugin's own stderr
+  output); -v adds the plugin's info logs, -vv debug logs; -q shows nothing.
+  A progress indicator appears on stderr when it is a terminal and more than
+  {PROGRESS_THRESHOLD} pins are checked.
+
+exit status:
+  0  every pin was admitted
+  1  some pins were denied, and no check failed
+  2  usage error (bad arguments or input files), or some check failed
+
+example:
+  cipdplugin check \\
+      --plugin '["python3", "examples/allowlist_plugin.py"]' \\
+      --metadata examples/metadata.json \\
+      infra/tools/deployer/linux-amd64:Q53qfEtj15kpxufMXyZoYhWQIRVZGYnnOmMq5H7DypsC
+
+  cipd ensure -ensure-file cipd.ensure -root out -json-output pins.json
+  CIPD_ADMISSION_PLUGIN='["/opt/plugin"]' cipdplugin check --json --pins-json pins.json
+"""
+
+
+# -- Running the checks --------------------------------------------------------
+
+
+class Progress:
+    """``checked N/M`` on one line of a terminal, rewritten in place."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._shown: tuple[int, int] | None = None
+
+    def show(self, done: int, total: int) -> None:
+        if self._shown != (done, total):
+            self._stream.write(f"\r  checked {done}/{total}")
+            self._stream.flush()
+            self._shown = (done, total)
+
+    def clear(self) -> None:
+        if self._shown is not None:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = None
+
+
+def _wait_all(futures: Sequence[Future[None]], deadline: float, progress: Progress | None) -> None:
+    """Return when every future is done or at ``deadline``, refreshing ``progress``."""
+    total = len(futures)
+    # Guards ``finished``; the callbacks run on whichever thread resolves a future.
+    lock = threading.Lock()
+    finished = 0
+    all_done = threading.Event()
+
+    def count(_: Future[None]) -> None:
+        nonlocal finished
+        with lock:
+            finished += 1
+            if finished == total:
+                all_done.set()
+
+    for future in futures:
+        future.add_done_callback(count)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if all_done.wait(min(remaining, _PROGRESS_INTERVAL) if progress else remaining):
+            break
+        if progress:
+            progress.show(finished, total)
+    if progress:
+        progress.show(finished, total)
+        progress.clear()
+
+
+def _verdict(request: PinRequest, future: Future[None] | None, timeout: float) -> Verdict:
+    if request.pin is None or future is None:
+        return Verdict(request, ERROR, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+    if not future.done():
+        return Verdict(
+            request, ERROR, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within the {timeout:g} s timeout"
+        )
+    error = future.exception(timeout=0)
+    if error is None:
+        return Verdict(request, ADMITTED, grpc.StatusCode.OK, "")
+    if isinstance(error, AdmissionDenied):
+        return Verdict(request, DENIED, error.code, error.message)
+    if isinstance(error, AdmissionError):
+        return Verdict(request, ERROR, error.code, error.message)
+    return Verdict(request, ERROR, grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}")
+
+
+def check_pins(
+    requests: Sequence[PinRequest],
+    cmdline: Sequence[str],
+    config: Config,
+    *,
+    timeout: float,
+    progress: Progress | None = None,
+) -> list[Verdict]:
+    """Check every valid pin with one plugin; one verdict per request, in order.
+
+    Every check is submitted at once. Checks unresolved ``timeout`` seconds
+    after the start become DEADLINE_EXCEEDED errors; the plugin is then
+    terminated, which takes at most a few more seconds. Never raises for a
+    plugin's failure: that becomes error verdicts.
+    """
+    deadline = time.monotonic() + timeout
+    valid = [request.pin for request in requests if request.pin is not None]
+    futures: list[Future[None] | None] = [None] * len(requests)
+    with Host(config) as host:
+        if valid:
+            # Room for every check, so that submitting never blocks on a slow
+            # plugin and the deadline alone bounds the run.
+            plugin = host.new_admission_plugin(cmdline, max_pending=len(valid))
+            for index, request in enumerate(requests):
+                if request.pin is not None:
+                    futures[index] = plugin.check_admission(request.pin)
+            _wait_all([f for f in futures if f is not None], deadline, progress)
+        # Before the host closes: closing fails whatever is still pending.
+        return [_verdict(request, future, timeout) for request, future in zip(requests, futures, strict=True)]
+
+
+# -- The command line ----------------------------------------------------------
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its ``check`` subcommand parser."""
+    parser = argparse.ArgumentParser(
+        prog="cipdplugin",
+        description="CIPD deployment-admission plugins from the command line.",
+        epilog="Run 'cipdplugin check --help' for the details and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = commands.add_parser(
+        "check",
+        help="ask an admission plugin whether pins may be deployed",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("pins", nargs="*", metavar="PIN", help='a pin, "package:instance_id"')
+    check.add_argument(
+        "--plugin",
+        metavar="JSON_LIST",
+        help=f"the plugin command line as a JSON list of strings (default: ${PLUGIN_ENV})",
+    )
+    check.add_argument(
+        "--service-url",
+        default=DEFAULT_SERVICE_URL,
+        metavar="URL",
+        help="the CIPD backend the pins come from, as plugins see it (default: %(default)s)",
+    )
+    check.add_argument("--metadata", metavar="FILE.json", help="instance metadata to serve to the plugin")
+    check.add_argument(
+        "--pins-json",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help='pins from a `cipd ensure -json-output` file; "-" reads stdin; repeatable',
+    )
+    check.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
+    check.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="limit for the whole run; later answers are errors (default: %(default)g)",
+    )
+    noise = check.add_mutually_exclusive_group()
+    noise.add_argument(
+        "-v", "--verbose", action="count", default=0, help="show plugin logs on stderr (-vv: debug too)"
+    )
+    noise.add_argument("-q", "--quiet", action="store_true", help="show no logs at all, not even warnings")
+    return parser, check
+
+
+@contextlib.contextmanager
+def _logging_to(stream: TextIO, level: int) -> Iterator[None]:
+    """Send the ``cipdplugin`` logger (where plugin logs land) to ``stream`` at ``level``."""
+    logger = logging.getLogger("cipdplugin")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("cipdplugin: %(levelname)s: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind so that the host stops its plugins."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _log_level(verbose: int, quiet: bool) -> int:
+    if quiet:
+        return logging.CRITICAL + 1
+    return {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+
+
+def run_check(
+    args: argparse.Namespace,
+    *,
+    stdin: TextIO,
+    stdout: TextIO,
+    stderr: TextIO,
+    environ: Mapping[str, str],
+) -> int:
+    """Run ``cipdplugin check`` with parsed ``args``; returns the exit status.
+
+    Raises:
+        UsageError: the arguments or input files are unusable.
+    """
+    cmdline = plugin_cmdline(args.plugin, environ)
+    config = load_config(args.service_url, args.metadata)
+    if args.pins_json.count("-") > 1:
+        raise UsageError('"--pins-json -" may be given only once: standard input is read once')
+    requests = [parse_pin_argument(text) for text in args.pins]
+    for path in args.pins_json:
+        requests += read_pins_file(path, stdin)
+    if not requests:
+        raise UsageError("no pins to check: give PIN arguments or --pins-json FILE")
+    long_run = sum(request.pin is not None for request in requests) > PROGRESS_THRESHOLD
+    progress = Progress(stderr) if long_run and stderr.isatty() else None
+    with _logging_to(stderr, _log_level(args.verbose, args.quiet)):
+        verdicts = check_pins(requests, cmdline, config, timeout=args.timeout, progress=progress)
+    if args.json:
+        stdout.write(json.dumps(json_report(verdicts), indent=2) + "\n")
+    else:
+        stdout.writelines(verdict.as_line() + "\n" for verdict in verdicts)
+    stdout.flush()
+    return exit_status(verdicts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``cipdplugin`` console script; returns the exit status (see ``--help``)."""
+    parser, check = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or an argparse usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    try:
+        with _sigterm_unwinds():
+            return run_check(args, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, environ=os.environ)
+    except UsageError as exc:
+        check.print_usage(sys.stderr)
+        print(f"cipdplugin check: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("cipdplugin check: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+    except _Terminated:
+        print("cipdplugin check: terminated", file=sys.stderr)
+        return _EXIT_TERMINATED
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `| head`): nothing more to say.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
