@@ -357,6 +357,46 @@ def test_descendants_that_ignore_sigterm_are_killed(make_host: HostFactory) -> N
     assert_no_leaks(before)
 
 
+def read_pid(path: Path) -> int:
+    """The pid a test plugin wrote to ``path``, once it has."""
+    assert wait_until(path.exists, 30), f"no {path.name} was written"
+    return int(path.read_text())
+
+
+@pytest.mark.parametrize("mode", ["orphan", "daemon"])
+def test_reparented_descendants_are_killed(make_host: HostFactory, tmp_path: Path, mode: str) -> None:
+    """A grandchild whose parent exited, and a setsid double-fork daemon, end with close()."""
+    before = resource_baseline()
+    host = make_host()
+    pid_file = tmp_path / f"{mode}.pid"
+    plugin = host.new_admission_plugin(plugin_cmd(mode, str(pid_file)))
+    assert plugin.check_admission(pin(1)).result(timeout=30) is None
+    left_behind = read_pid(pid_file)
+    host.close()
+    assert_all_gone({left_behind})
+    assert_no_leaks(before)
+
+
+def test_daemon_of_a_plugin_that_died_is_killed(tmp_path: Path) -> None:
+    """The monitor records descendants while the plugin runs: a daemon seen then
+    is terminated with the plugin even though the plugin died first."""
+    before = resource_baseline()
+    pid_file = tmp_path / "daemon.pid"
+    # Without a handshake the plugin waits on its stdin, its daemon started.
+    process = PluginProcess(plugin_cmd("daemon", str(pid_file)), logger=logging.getLogger("cipdplugin"))
+    try:
+        daemon = read_pid(pid_file)
+        assert wait_until(lambda: daemon in process._family, 30)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL
+        # Now nothing ties the daemon to the plugin but the record.
+        assert psutil.Process(daemon).ppid() != process.pid
+    finally:
+        process.terminate()
+    assert_all_gone({daemon})
+    assert_no_leaks(before)
+
+
 # -- Floods ------------------------------------------------------------------------
 
 
@@ -390,6 +430,34 @@ def test_flood_of_output_and_logs(make_host: HostFactory) -> None:
         assert timed(host.close) < 5.0 + CLOSE_MARGIN
         # Every stderr line reached the log, each on its own, under the plugin's name.
         assert counter.count("stderr: flood line") == 5000
+        assert_no_leaks(before)
+    finally:
+        logger.removeHandler(counter)
+
+
+def test_output_flood_after_the_plugin_exits(make_host: HostFactory, tmp_path: Path) -> None:
+    """A descendant keeps writing to the inherited stdout after the plugin exits."""
+    before = resource_baseline()
+    logger = logging.getLogger("cipdplugin.test-flood-after-exit")
+    logger.propagate = False  # An endless stream of lines is not for the test report.
+    logger.setLevel(logging.DEBUG)
+    counter = RecordCounter()
+    logger.addHandler(counter)
+    try:
+        host = make_host(logger=logger)
+        pid_file = tmp_path / "flooder.pid"
+        plugin = host.new_admission_plugin(plugin_cmd("flood-after-exit", str(pid_file)))
+        assert plugin.check_admission(pin(1)).result(timeout=30) is None
+        flooder = read_pid(pid_file)
+        # The plugin exits on its second check; the monitor stops reading and reports it.
+        error = plugin.check_admission(pin(2)).exception(timeout=30)
+        assert isinstance(error, PluginAbortedError)
+        assert "exited with code 7" in error.message
+        assert counter.count("keeps writing to its output") == 1
+        assert psutil.Process(flooder).is_running()
+        # The plugin is gone: close() need not wait for it, only end the flooder.
+        assert timed(host.close) < CLOSE_MARGIN
+        assert_all_gone({flooder})
         assert_no_leaks(before)
     finally:
         logger.removeHandler(counter)

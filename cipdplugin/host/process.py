@@ -13,7 +13,6 @@ import logging
 import os
 import selectors
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 import psutil
 
 from cipdplugin.errors import PluginStartError
+from cipdplugin.host.spawn import spawn
 
 #: Termination never takes longer than this (plus a small constant).
 KILL_DEADLINE = 5.0
@@ -32,6 +32,13 @@ MAX_LOG_LINE = 16 * 1024
 STDERR_TAIL = 5
 #: Bound on the wait for a SIGKILLed process to vanish (it cannot refuse).
 _KILL_SETTLE = 1.0
+#: After the plugin exits, its output is read for at most this long and at
+#: most this many bytes: a descendant may hold the pipes open and write forever.
+DRAIN_SPAN = 0.5
+DRAIN_BYTES = 1024 * 1024
+#: How often the monitor records the plugin's descendants, so that those still
+#: running when the plugin itself exits are terminated with it.
+FAMILY_INTERVAL = 1.0
 
 
 def termination_span(timeout: float | None) -> float:
@@ -115,17 +122,16 @@ class PluginProcess:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         # Guards stdin against a write racing with its close.
         self._stdin_lock = threading.Lock()
+        # Guards _family: every descendant seen while the plugin ran and not
+        # yet known to have exited, by pid. The monitor adds to it; terminate
+        # signals it.
+        self._family_lock = threading.Lock()
+        self._family: dict[int, psutil.Process] = {}
         try:
-            # A new session keeps a terminal's Ctrl-C away from plugins: the
-            # host decides when they stop.
-            self._popen = subprocess.Popen(
-                self.cmdline,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                close_fds=True,
-                start_new_session=True,
-            )
+            # The plugin leads its own process group, which terminate
+            # signals as a whole, and adopts what its descendants orphan
+            # (see spawn.py).
+            self._popen = spawn(self.cmdline)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise PluginStartError(f"cannot start plugin {self.cmdline[0]!r}: {reason}") from None
@@ -186,53 +192,69 @@ class PluginProcess:
     def terminate(self, timeout: float | None = None) -> int | None:
         """Stop the plugin and every process it started; return its exit status.
 
-        Closes stdin; after a grace period sends SIGTERM to the plugin and its
-        descendants; at the deadline (5 s, or ``timeout`` if shorter) sends
-        SIGKILL to whatever is left. The descendants are listed while the
-        plugin is alive, before any signal, so none escapes by being
-        reparented. Returns within the deadline plus a small constant; safe to
+        Closes stdin; after a grace period sends SIGTERM to the plugin, its
+        process group and its descendants; at the deadline (5 s, or
+        ``timeout`` if shorter) sends SIGKILL to whatever is left. The
+        descendants signalled are those running now and every one the monitor
+        saw while the plugin ran (see docs/reliability.md for what can still
+        escape). Returns within the deadline plus a small constant; safe to
         call from several threads and more than once.
         """
         deadline_span = termination_span(timeout)
         deadline = time.monotonic() + deadline_span
-        family = self._descendants()
+        family = self._remember_family()
         self.close_stdin()
         if not self.done.wait(min(STOP_GRACE, deadline_span / 2)):
-            family = self._descendants() | family
-            _signal_all([self._self_process(), *family], signal.SIGTERM)
-        elif family:
+            family = self._remember_family()
+            self._signal_everyone(family, signal.SIGTERM)
+        else:
             # The plugin left, but what it started must not outlive it.
-            _signal_all(family, signal.SIGTERM)
+            self._signal_everyone(family, signal.SIGTERM)
         self.done.wait(max(0.0, deadline - time.monotonic()))
         alive = [p for p in family if _is_running(p)]
         if alive:
             psutil.wait_procs(alive, timeout=max(0.0, deadline - time.monotonic()))
-        if not self.done.is_set():
-            family = self._descendants() | family
-            _signal_all([self._self_process()], signal.SIGKILL)
-        _signal_all(family, signal.SIGKILL)
+        family = self._remember_family()
+        self._signal_everyone(family, signal.SIGKILL)
         self.done.wait(_KILL_SETTLE)
         alive = [p for p in family if _is_running(p)]
         if alive:
             psutil.wait_procs(alive, timeout=_KILL_SETTLE)
+        self._remember_family()  # Forget those that are gone.
         return self.returncode
 
+    def _signal_everyone(self, family: set[psutil.Process], sig: int) -> None:
+        """Signal the plugin (unless reaped), its process group, and ``family``."""
+        _signal_all([self._self_process(), *family], sig)
+        # The group outlives its leader while any member runs, and its ID
+        # cannot be reused meanwhile, so this reaches only the plugin's
+        # group, even after the plugin was reaped. It catches members
+        # started after the family was listed.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
     def _self_process(self) -> psutil.Process | None:
-        if self.done.is_set():
+        if self.done.is_set() or self._popen.returncode is not None:
             return None  # Reaped: the pid may already belong to someone else.
         try:
             return psutil.Process(self.pid)
         except psutil.Error:
             return None
 
-    def _descendants(self) -> set[psutil.Process]:
+    def _remember_family(self) -> set[psutil.Process]:
+        """Record the current descendants; return every recorded one still running."""
+        current: list[psutil.Process] = []
         me = self._self_process()
-        if me is None:
-            return set()
-        try:
-            return set(me.children(recursive=True))
-        except psutil.Error:
-            return set()
+        if me is not None:
+            with contextlib.suppress(psutil.Error):
+                current = me.children(recursive=True)
+        with self._family_lock:
+            for process in current:
+                self._family[process.pid] = process
+            for pid, process in list(self._family.items()):
+                if not _is_running(process):
+                    del self._family[pid]
+            return set(self._family.values())
 
     def _monitor_loop(self) -> None:
         """Forward output until the process exits, then reap it and report."""
@@ -268,36 +290,59 @@ class PluginProcess:
             if pidfd is not None:
                 selector.register(pidfd, selectors.EVENT_READ)
             try:
-                # With a pidfd the select wakes when the process exits, so it
-                # needs no timeout; without one, poll for the exit.
-                poll = None if pidfd is not None else 0.05
+                # With a pidfd the select wakes when the process exits;
+                # without one, poll for the exit. Either way it wakes every
+                # FAMILY_INTERVAL to record the plugin's descendants.
+                poll = FAMILY_INTERVAL if pidfd is not None else 0.05
+                next_census = time.monotonic()
                 while self._popen.poll() is None:
+                    if time.monotonic() >= next_census:
+                        self._remember_family()
+                        next_census = time.monotonic() + FAMILY_INTERVAL
                     for key, _ in selector.select(poll):
-                        if key.fd in streams and not _read_into(key.fd, streams[key.fd]):
+                        if key.fd in streams and _read_into(key.fd, streams[key.fd]) == 0:
                             selector.unregister(key.fd)
-                # Output written before the exit is still in the pipes, but a
-                # descendant may hold them open: take what is there, no more.
-                for fd, forwarder in streams.items():
-                    while _read_into(fd, forwarder, drain=True):
-                        pass
-                    forwarder.flush()
+                self._drain(streams)
             finally:
                 if pidfd is not None:
                     os.close(pidfd)
 
+    def _drain(self, streams: dict[int, _LineForwarder]) -> None:
+        """Take the output the plugin left in its pipes, within DRAIN_SPAN and DRAIN_BYTES.
 
-def _read_into(fd: int, forwarder: _LineForwarder, *, drain: bool = False) -> bool:
-    """Read once from a non-blocking pipe; False at end of file (or nothing, if draining)."""
+        A descendant may hold the pipes open and keep writing: what is there
+        now is read, not what keeps coming. Reading stops at the first empty
+        read, and in any case at the bounds.
+        """
+        deadline = time.monotonic() + DRAIN_SPAN
+        budget = DRAIN_BYTES
+        unread = set(streams)
+        while unread and budget > 0 and time.monotonic() < deadline:
+            for fd in list(unread):
+                count = _read_into(fd, streams[fd])
+                if count <= 0:
+                    unread.discard(fd)
+                budget -= max(count, 0)
+        if unread:
+            self._logger.warning(
+                "Plugin %r exited, but a process it started keeps writing to its output: no longer read",
+                self.name,
+            )
+        for forwarder in streams.values():
+            forwarder.flush()
+
+
+def _read_into(fd: int, forwarder: _LineForwarder) -> int:
+    """Read once from a non-blocking pipe; the byte count, -1 if nothing yet, 0 at end of file."""
     try:
         data = os.read(fd, 65536)
     except BlockingIOError:
-        return not drain
+        return -1
     except OSError:
-        return False
-    if not data:
-        return False
-    forwarder.feed(data)
-    return True
+        return 0
+    if data:
+        forwarder.feed(data)
+    return len(data)
 
 
 def _pidfd_open(pid: int) -> int | None:

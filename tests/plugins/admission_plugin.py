@@ -21,6 +21,16 @@ Usage: admission_plugin.py MODE [ARG...]. Modes:
 * ``stuck-handler``: the handler never returns (but the plugin must still exit on EOF).
 * ``echo-request``: denies, with "<service_url> <pin> <hash_algo> <hex_digest>" as the message.
 * ``flood``: writes the given number of lines to stderr and logs as many records, then admits.
+* ``orphan PID_FILE``: starts a child that starts a grandchild and exits (the
+  grandchild is reparented), then acts as ``admit``.
+* ``daemon PID_FILE``: starts a daemon the classic way (fork, ``setsid``,
+  fork, the middle process exits), then acts as ``admit``.
+* ``flood-after-exit PID_FILE``: starts a child that writes short lines to
+  the inherited stdout without end, admits the first check and exits 7 on
+  the second.
+
+The modes with a PID_FILE write the pid of the process that is left behind
+to it (atomically, so a test can poll for the file).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -82,6 +93,14 @@ def main(argv: list[str]) -> int:
         from cipdplugin.plugins import admission as module
 
         module.PROTOCOL_VERSION = 2  # type: ignore[attr-defined]
+    if mode in _LEFT_BEHIND:
+        subprocess.Popen(
+            [sys.executable, "-c", _LEFT_BEHIND[mode], args[0]],
+            stdin=subprocess.DEVNULL,
+            stdout=None if mode == "flood-after-exit" else subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ).wait()
+        mode = "crash-on-second" if mode == "flood-after-exit" else "admit"
     if mode == "flood":
         count = int(args[0]) if args else 1000
         for i in range(count):
@@ -144,6 +163,37 @@ def _admit_by_name(request: admission.Request) -> None:
 
 def _admit_all(request: admission.Request, info: admission.InstanceInfo) -> None:
     _admit_by_name(request)
+
+
+def _left_behind(*, setsid: bool, body: str) -> str:
+    """Code for a child that forks a grandchild and exits; the grandchild writes its pid, then runs ``body``."""
+    return textwrap.dedent(
+        f"""
+        import os, sys, time
+        {"os.setsid()" if setsid else ""}
+        if os.fork() == 0:
+            with open(sys.argv[1] + ".tmp", "w") as file:
+                file.write(str(os.getpid()))
+            os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+            {body}
+        os._exit(0)
+        """
+    )
+
+
+_FLOOD = """
+            while True:
+                try:
+                    os.write(1, b"flooding\\n")
+                except OSError:
+                    time.sleep(0.01)
+"""
+#: The code of the child each mode starts (and waits for).
+_LEFT_BEHIND = {
+    "orphan": _left_behind(setsid=False, body="time.sleep(600)"),
+    "daemon": _left_behind(setsid=True, body="time.sleep(600)"),
+    "flood-after-exit": _left_behind(setsid=False, body=_FLOOD.strip()),
+}
 
 
 def _start_stubborn_children(count: int) -> None:
