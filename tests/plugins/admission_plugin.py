@@ -166,7 +166,7 @@ def _admit_all(request: admission.Request, info: admission.InstanceInfo) -> None
 
 
 def _left_behind(*, setsid: bool, body: str) -> str:
-    """Code for a child that forks a grandchild and exits; the grandchild writes its pid, then runs ``body``."""
+    """Code for a child that forks a grandchild and exits; the grandchild writes its pid, runs ``body``."""
     return textwrap.dedent(
         f"""
         import os, sys, time
