@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import psutil
 import pytest
 
-from tests.conftest import REPO_ROOT, SHA256_ID, hex_id, plugin_cmd
+from tests.conftest import REPO_ROOT, SHA256_ID, hex_id, plugin_cmd, wait_until
 
 PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
 INSTALLED_SCRIPT = Path(sys.executable).parent / "cipdplugin"
@@ -492,3 +496,83 @@ def test_allowlist_example_plugin() -> None:
     by_package = {entry["package"]: entry["verdict"] for entry in report(result)["pins"]}
     assert by_package["infra/tools/deployer/linux-amd64"] == "admitted"
     assert by_package["experimental/shiny-tool"] == "denied"
+
+
+# -- Signals -------------------------------------------------------------------
+
+
+def _stubborn_family(cli_pid: int) -> set[int]:
+    """The CLI's descendants that ignore SIGTERM (the plugin and its children), once running."""
+    found = set()
+    for process in psutil.Process(cli_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, OSError), open(f"/proc/{process.pid}/status") as status:
+            for line in status:
+                if line.startswith("SigIgn:") and int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+                    found.add(process.pid)
+    return found
+
+
+def _read_stderr_until(stream: IO[bytes], text: str, timeout: float = 30.0) -> str:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([stream], [], [], max(0.0, remaining))
+        chunk = os.read(stream.fileno(), 4096) if ready else b""
+        if not chunk:
+            break
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "status"), [("SIGINT", "SIGINT", 130), ("SIGTERM", "SIGINT", 143)]
+)
+def test_second_signal_does_not_abort_stopping_the_plugin(first: str, second: str, status: int) -> None:
+    """The plugin ignores stdin EOF and SIGTERM, so closing takes the full 5 s."""
+    environment = {name: value for name, value in os.environ.items() if name != PLUGIN_ENV}
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cipdplugin",
+            "check",
+            "--plugin",
+            json.dumps(plugin_cmd("hold", "1")),
+            ADMITTED_PIN,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=environment,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert cli.stderr is not None
+        # The plugin, its child and its grandchild.
+        assert wait_until(lambda: len(_stubborn_family(cli.pid)) == 3, 30)
+        family = _stubborn_family(cli.pid)
+        cli.send_signal(getattr(signal, first))
+        output = _read_stderr_until(cli.stderr, "stopping the plugin")
+        assert "stopping the plugin" in output
+        for _ in range(3):
+            cli.send_signal(getattr(signal, second))
+        assert cli.wait(30) == status
+        output += cli.stderr.read().decode(errors="replace")
+    finally:
+        cli.kill()
+        cli.wait(10)
+        if cli.stderr is not None:
+            cli.stderr.close()
+    assert "still stopping the plugin" in output
+    assert "Traceback" not in output
+    assert wait_until(lambda: not any(_running(pid) for pid in family), 10), [
+        p for p in family if _running(p)
+    ]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

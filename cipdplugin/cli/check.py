@@ -203,18 +203,22 @@ def check_pins(
     *,
     timeout: float,
     progress: Progress | None = None,
+    stop_signals: StopSignals | None = None,
 ) -> list[Verdict]:
     """Check every valid pin with one plugin; one verdict per request, in order.
 
     Every check is submitted at once. Checks unresolved ``timeout`` seconds
     after the start become DEADLINE_EXCEEDED errors; the plugin is then
     terminated, which takes at most a few more seconds. Never raises for a
-    plugin's failure: that becomes error verdicts.
+    plugin's failure: that becomes error verdicts. With ``stop_signals``,
+    signals cannot interrupt the closing host; one that arrived meanwhile is
+    raised once it is closed.
     """
     deadline = time.monotonic() + timeout
     valid = [request.pin for request in requests if request.pin is not None]
     futures: list[Future[None] | None] = [None] * len(requests)
-    with Host(config) as host:
+    host = Host(config)
+    try:
         if valid:
             # Room for every check, so that submitting never blocks on a slow
             # plugin and the deadline alone bounds the run.
@@ -225,6 +229,74 @@ def check_pins(
             _wait_all([f for f in futures if f is not None], deadline, progress)
         # Before the host closes: closing fails whatever is still pending.
         return [_verdict(request, future, timeout) for request, future in zip(requests, futures, strict=True)]
+    finally:
+        if stop_signals is not None:
+            stop_signals.defer()
+        host.close()
+        if stop_signals is not None:
+            stop_signals.raise_deferred()
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind so that the host stops its plugins."""
+
+
+def _note(text: str) -> None:
+    """One line on stderr; safe in a signal handler (never raises)."""
+    # Not through sys.stderr: the main thread may be inside a write to it.
+    with contextlib.suppress(OSError, ValueError):
+        os.write(2, f"cipdplugin check: {text}\n".encode())
+
+
+class StopSignals:
+    """SIGINT and SIGTERM for ``cipdplugin check``: the first one unwinds, later ones wait.
+
+    The first signal raises ``KeyboardInterrupt`` (SIGINT) or ``_Terminated``
+    (SIGTERM) in the main thread, so that the host closes and stops the
+    plugin. From then on, and from ``defer()`` on, a signal only prints a
+    note: an interrupted ``Host.close()`` would leave the plugin and its
+    descendants running, and the close is bounded (a few seconds at most).
+    ``first`` is the signal the exit status reports.
+    """
+
+    def __init__(self) -> None:
+        # Written by the handler, which runs in the main thread only.
+        self.first: int | None = None
+        self._deferring = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle both signals within the block (in the main thread; elsewhere, no change)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def defer(self) -> None:
+        """From now on, signals are only noted (the plugin is being stopped)."""
+        self._deferring = True
+
+    def raise_deferred(self) -> None:
+        """Raise for a signal that arrived while deferred, now that the close is over."""
+        if self.first is not None and self._deferring:
+            self._deferring = False
+            raise KeyboardInterrupt if self.first == signal.SIGINT else _Terminated
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.first is None and not self._deferring:
+            self.first = signum
+            # Set before raising: a second signal may come at any moment now.
+            self._deferring = True
+            _note("stopping the plugin before exiting")
+            raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
+        if self.first is None:
+            self.first = signum
+        _note("still stopping the plugin; this takes a few seconds at most")
 
 
 # -- The command line ----------------------------------------------------------
@@ -310,26 +382,6 @@ def _logging_to(stream: TextIO, level: int) -> Iterator[None]:
         logger.propagate = saved[1]
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: unwind so that the host stops its plugins."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _log_level(verbose: int, quiet: bool) -> int:
     if quiet:
         return logging.CRITICAL + 1
@@ -343,6 +395,7 @@ def run_check(
     stdout: TextIO,
     stderr: TextIO,
     environ: Mapping[str, str],
+    stop_signals: StopSignals | None = None,
 ) -> int:
     """Run ``cipdplugin check`` with parsed ``args``; returns the exit status.
 
@@ -361,7 +414,9 @@ def run_check(
     long_run = sum(request.pin is not None for request in requests) > PROGRESS_THRESHOLD
     progress = Progress(stderr) if long_run and stderr.isatty() else None
     with _logging_to(stderr, _log_level(args.verbose, args.quiet)):
-        verdicts = check_pins(requests, cmdline, config, timeout=args.timeout, progress=progress)
+        verdicts = check_pins(
+            requests, cmdline, config, timeout=args.timeout, progress=progress, stop_signals=stop_signals
+        )
     if args.json:
         stdout.write(json.dumps(json_report(verdicts), indent=2) + "\n")
     else:
@@ -380,9 +435,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
+    stop_signals = StopSignals()
     try:
-        with _sigterm_unwinds():
-            return run_check(args, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, environ=os.environ)
+        with stop_signals.installed():
+            return run_check(
+                args,
+                stdin=sys.stdin,
+                stdout=sys.stdout,
+                stderr=sys.stderr,
+                environ=os.environ,
+                stop_signals=stop_signals,
+            )
     except UsageError as exc:
         check.print_usage(sys.stderr)
         print(f"cipdplugin check: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ Usage: admission_plugin.py MODE [ARG...]. Modes:
 * ``ignore-eof``: admits, and keeps running after stdin closes.
 * ``ignore-sigterm``: like ignore-eof, and ignores SIGTERM too; with an
   argument N it first starts N children (and grandchildren) that do the same.
+* ``hold``: like ignore-sigterm (with the same argument), but never answers a check.
 * ``stuck-handler``: the handler never returns (but the plugin must still exit on EOF).
 * ``echo-request``: denies, with "<service_url> <pin> <hash_algo> <hex_digest>" as the message.
 * ``flood``: writes the given number of lines to stderr and logs as many records, then admits.
@@ -80,11 +81,11 @@ def main(argv: list[str]) -> int:
         # The handshake waits in the pipe meanwhile; then serve as "admit".
         time.sleep(float(args[0]) if args else 1.0)
         mode = "admit"
-    if mode == "ignore-sigterm":
+    if mode in ("ignore-sigterm", "hold"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _start_stubborn_children(int(args[0]) if args else 0)
-    if mode in ("ignore-eof", "ignore-sigterm"):
-        code = admission.run(_admit_all, version="test-plugin 1.0")
+    if mode in ("ignore-eof", "ignore-sigterm", "hold"):
+        code = admission.run(_never_answer if mode == "hold" else _admit_all, version="test-plugin 1.0")
         while True:
             time.sleep(1)
         return code
@@ -159,6 +160,10 @@ def _admit_by_name(request: admission.Request) -> None:
         raise admission.Denied(f"{request.package} is denied")
     if request.package.startswith("error/"):
         raise admission.Error(grpc.StatusCode.PERMISSION_DENIED, "no access")
+
+
+def _never_answer(request: admission.Request, info: admission.InstanceInfo) -> None:
+    threading.Event().wait()
 
 
 def _admit_all(request: admission.Request, info: admission.InstanceInfo) -> None:
