@@ -102,6 +102,10 @@ class StaticRepository:
             ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RepositoryFileError(f"metadata file {os.fspath(path)!r} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise RepositoryFileError(
+                f"metadata file {os.fspath(path)!r} is nested too deeply to be a metadata file"
+            ) from None
         return cls.from_json(data, source=os.fspath(path))
 
     @classmethod

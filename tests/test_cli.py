@@ -498,6 +498,53 @@ def test_allowlist_example_plugin() -> None:
     assert by_package["experimental/shiny-tool"] == "denied"
 
 
+DEEP_JSON = "[" * 50_000 + "]" * 50_000
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "expected"),
+    [
+        (["--plugin", DEEP_JSON, ADMITTED_PIN], "", "--plugin is nested too deeply"),
+        # Parses, but its item is too deep for repr().
+        (
+            ["--plugin", "[" * 980 + "]" * 980, ADMITTED_PIN],
+            "",
+            "--plugin: item 0 must be a string, got a list",
+        ),
+        (["--pins-json", "-"], DEEP_JSON, "pins from standard input is nested too deeply"),
+        (
+            ["--pins-json", "-"],
+            '{"result": ' + DEEP_JSON + "}",
+            "pins from standard input is nested too deeply",
+        ),
+        (["--metadata", "DEEP_FILE", ADMITTED_PIN], "", "is nested too deeply to be a metadata file"),
+        (["--timeout", "1e300", ADMITTED_PIN], "", "must be at most 3.1536e+07 seconds"),
+        (["--timeout", "1e10", ADMITTED_PIN], "", "must be at most"),
+        (["--timeout", "nan", ADMITTED_PIN], "", "must be a positive number of seconds"),
+    ],
+)
+def test_hostile_inputs_are_usage_errors(tmp_path: Path, args: list[str], stdin: str, expected: str) -> None:
+    deep_file = tmp_path / "deep.json"
+    deep_file.write_text(DEEP_JSON)
+    args = [str(deep_file) if arg == "DEEP_FILE" else arg for arg in args]
+    plugin = [] if args[0] == "--plugin" else ["--plugin", json.dumps(plugin_cmd("admit"))]
+    result = run_cli("check", *plugin, *args, stdin=stdin)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cipdplugin")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0]
+    assert len(errors[0]) < 500
+    assert result.stdout == ""
+
+
+def test_deeply_nested_environment_variable_is_a_usage_error() -> None:
+    result = run_cli("check", ADMITTED_PIN, env={PLUGIN_ENV: DEEP_JSON})
+    assert result.returncode == 2
+    assert f"${PLUGIN_ENV} is nested too deeply" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # -- Signals -------------------------------------------------------------------
 
 

@@ -356,6 +356,16 @@ def test_file_that_is_not_json(tmp_path: Path, content: bytes) -> None:
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("depth", [100_000, 995])
+def test_deeply_nested_file(tmp_path: Path, depth: int) -> None:
+    """Too deep for the JSON parser, or just deep enough to parse: a file error either way."""
+    path = tmp_path / "deep.json"
+    path.write_text('{"instances": ' + "[" * depth + "]" * depth + "}", encoding="utf-8")
+    with pytest.raises(RepositoryFileError) as info:
+        StaticRepository.from_file(path)
+    assert str(path) in str(info.value)
+
+
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "wrong.json"
     path.write_text('{"instances": [{"package": "a", "instance_id": "x"}]}', encoding="utf-8")

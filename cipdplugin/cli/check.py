@@ -56,6 +56,9 @@ from cipdplugin.cli.report import (
 
 #: Default limit, in seconds, for the whole run.
 DEFAULT_TIMEOUT = 300.0
+#: Longest accepted limit: waits longer than the platform's timers can hold
+#: would overflow (``threading.TIMEOUT_MAX``).
+MAX_TIMEOUT = 365 * 24 * 3600.0
 #: Longer pin lists get a progress indicator when stderr is a terminal.
 PROGRESS_THRESHOLD = 20
 #: How often the progress indicator is refreshed, in seconds.
@@ -309,6 +312,8 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT:g} seconds (a year), got {text!r}")
     return value
 
 

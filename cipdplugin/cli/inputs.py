@@ -4,6 +4,7 @@ pins (arguments and ``cipd ensure -json-output`` files) and the metadata."""
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TextIO
@@ -58,13 +59,18 @@ def parse_plugin_cmdline(text: str, source: str) -> list[str]:
         raise UsageError(
             f"{source} is not valid JSON ({exc}); expected a list of strings, {example}"
         ) from None
+    except RecursionError:
+        raise UsageError(f"{source} is nested too deeply; expected a list of strings, {example}") from None
     if not isinstance(value, list):
         raise UsageError(f"{source} must be a JSON list of strings, got {_json_type(value)}; {example}")
     if not value:
         raise UsageError(f"{source} is an empty list; it must name at least the plugin executable")
     for index, item in enumerate(value):
         if not isinstance(item, str):
-            raise UsageError(f"{source}: item {index} must be a string, got {_json_type(item)} {item!r}")
+            # reprlib: an item may be nested too deeply for repr() itself.
+            raise UsageError(
+                f"{source}: item {index} must be a string, got {_json_type(item)} {reprlib.repr(item)}"
+            )
     if not value[0]:
         raise UsageError(f"{source}: the executable (item 0) must not be empty")
     return value
@@ -128,6 +134,8 @@ def read_pins_file(path: str, stdin: TextIO) -> list[PinRequest]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{name} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{name} is nested too deeply to be a pins file") from None
     shape = 'expected {"result": {"<subdir>": [{"package": ..., "instance_id": ...}]}}'
     if not isinstance(data, dict):
         raise UsageError(f"{name}: {shape}, got {_json_type(data)}")
