@@ -146,6 +146,35 @@ def test_metadata_visiting_only_the_first_entry_fetches_one_page(make_host: Call
     assert repo.requests[0].page_size == 20
 
 
+class LoopingRepository:
+    """Pages that lead back to an earlier page: ``tokens`` in turn, forever."""
+
+    def __init__(self, *tokens: str) -> None:
+        self.tokens = tokens
+        self.calls = 0
+
+    def list_metadata(self, request: ListMetadataRequest) -> ListMetadataResponse:
+        self.calls += 1
+        entry = InstanceMetadata(key="note", value=b"again")
+        token = self.tokens[(self.calls - 1) % len(self.tokens)]
+        return ListMetadataResponse(metadata=[entry], next_page_token=token)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "calls"), [(("same",), 2), (("first", "second"), 3), (("a", "b", "c", "b"), 4)]
+)
+def test_metadata_pages_that_loop_fail_the_check(
+    make_host: Callable[..., Host], tokens: tuple[str, ...], calls: int
+) -> None:
+    repo = LoopingRepository(*tokens)
+    plugin = make_host(Config(SERVICE_URL, repo)).new_admission_plugin(plugin_cmd("metadata-all", "1"))
+    error = plugin.check_admission(PIN).exception(timeout=30)
+    assert type(error) is AdmissionError
+    assert error.code is grpc.StatusCode.INTERNAL
+    assert "metadata pages loop" in error.message
+    assert repo.calls == calls
+
+
 class BrokenRepository:
     def list_metadata(self, request: ListMetadataRequest) -> ListMetadataResponse:
         raise AdmissionError(grpc.StatusCode.UNAVAILABLE, "the backend is down")

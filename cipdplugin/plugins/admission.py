@@ -89,7 +89,9 @@ class InstanceInfo:
         Stop iterating and no further page is fetched.
 
         Raises:
-            AdmissionError: a ListMetadata call failed (its code and message).
+            AdmissionError: a ListMetadata call failed (its code and message),
+                or the host handed out a page token it had handed out before
+                (INTERNAL: the pages would loop forever).
             ValueError: ``page_size`` is not positive.
         """
         if page_size < 1:
@@ -101,6 +103,9 @@ class InstanceInfo:
             keys=list(keys),
             page_size=page_size,
         )
+        # Every token asked with: a repository that hands one out again would
+        # otherwise be paged forever.
+        asked: set[str] = set()
         while True:
             try:
                 page = self._list_metadata(request, timeout=_RPC_TIMEOUT)
@@ -109,6 +114,13 @@ class InstanceInfo:
             yield from page.metadata
             if not page.next_page_token:
                 return
+            asked.add(request.page_token)
+            if page.next_page_token in asked:
+                raise AdmissionError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the host's metadata pages loop: page token {page.next_page_token!r} came back "
+                    f"after {len(asked)} page(s)",
+                )
             request.page_token = page.next_page_token
 
 
