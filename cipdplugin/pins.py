@@ -6,13 +6,17 @@ An instance ID has one of two forms:
 * unpadded URL-safe base64 of the digest bytes followed by one byte holding
   the hash algorithm number (a SHA-256 ID is 44 characters).
 
-SHA-1 digests are always written in the legacy hex form, as the Go client
-does, so the base64 spelling of a SHA-1 digest is rejected: every valid ID
-then has exactly one spelling and both conversions round-trip exactly.
-Non-canonical base64 (stray bits in the last character) is rejected for the
-same reason. Every 40-character ID is read as the legacy form, again as in
-Go, so a digest of an unknown algorithm that would encode to 40 characters
-(29 bytes) is rejected too.
+The Go client (``decodeObjectRef``) accepts a base64 ID only if it has at
+least 28 characters and decodes to an odd number of bytes (a digest of an
+even number of bytes, and the algorithm byte), with a nonzero algorithm, and
+a SHA-1 or SHA-256 digest of the right size; a digest of an algorithm it does
+not know may have any (even) size. Every ID accepted here is accepted by Go
+and names the same ``ObjectRef``. A few IDs Go accepts are refused here so
+that every valid ID has exactly one spelling and both conversions round-trip
+exactly: the base64 spelling of a SHA-1 digest (Go writes SHA-1 IDs in the
+legacy hex form), non-canonical base64 (stray bits in the last character),
+and IDs with CR or LF characters in them (Go's base64 decoder skips those).
+Every 40-character ID is read as the legacy form, as in Go.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ _LOWER_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 
 #: Digest length in bytes of each known hash algorithm.
 DIGEST_SIZES: dict[int, int] = {SHA1: 20, SHA256: 32}
-#: Bounds for the digest of an algorithm this version does not know yet.
-_UNKNOWN_DIGEST_BYTES = range(16, 65)
-#: This digest plus the algorithm byte encodes to 40 base64 characters, the
-#: length of the legacy hex form, which every 40-character ID is read as.
-_AMBIGUOUS_DIGEST_BYTES = 29
+#: The Go client's shortest base64 instance ID (it assumes digests of at least 160 bits).
+MIN_ENCODED_ID = 28
+#: The smallest digest, in bytes, whose base64 ID is that long: 20 bytes and
+#: the algorithm byte make 28 characters.
+_MIN_DIGEST_BYTES = 20
 
 
 def validate_package_name(name: str) -> str:
@@ -63,12 +67,12 @@ def _validate_digest(algo: int, hex_digest: str, what: str) -> None:
     expected = DIGEST_SIZES.get(algo)
     if expected is not None and size != expected:
         raise InvalidPinError(f"invalid {what}: a {_algo_name(algo)} digest has {expected} bytes, got {size}")
-    if expected is None and size not in _UNKNOWN_DIGEST_BYTES:
-        raise InvalidPinError(f"invalid {what}: digest of {size} bytes for unknown hash algorithm {algo}")
-    if expected is None and size == _AMBIGUOUS_DIGEST_BYTES:
+    if size % 2:
+        raise InvalidPinError(f"invalid {what}: a digest has an even number of bytes, got {size}")
+    if size < _MIN_DIGEST_BYTES:
         raise InvalidPinError(
-            f"invalid {what}: a {size}-byte digest would make a 40-character ID, "
-            "which is read as a legacy SHA1 ID"
+            f"invalid {what}: digest of {size} bytes for unknown hash algorithm {algo}; "
+            f"at least {_MIN_DIGEST_BYTES} are needed"
         )
 
 
@@ -94,12 +98,20 @@ def instance_id_to_object_ref(instance_id: str) -> ObjectRef:
         raise InvalidPinError(
             f"invalid {what}: expected 40 lowercase hex characters or unpadded URL-safe base64"
         )
+    if len(instance_id) < MIN_ENCODED_ID:
+        raise InvalidPinError(
+            f"invalid {what}: a base64 instance ID has at least {MIN_ENCODED_ID} characters, "
+            f"got {len(instance_id)}"
+        )
     try:
         blob = base64.urlsafe_b64decode(instance_id + "=" * (-len(instance_id) % 4))
     except (binascii.Error, ValueError) as exc:
         raise InvalidPinError(f"invalid {what}: bad base64 ({exc})") from None
     if _encode_id(blob) != instance_id:
         raise InvalidPinError(f"invalid {what}: non-canonical base64")
+    if len(blob) % 2 == 0:
+        # Checked before the algorithm, as Go does, so the message is Go's reason.
+        raise InvalidPinError(f"invalid {what}: a digest has an even number of bytes, got {len(blob) - 1}")
     ref = ObjectRef(hash_algo=blob[-1], hex_digest=blob[:-1].hex())  # type: ignore[arg-type]
     _validate_digest(blob[-1], ref.hex_digest, what)
     if blob[-1] == SHA1:

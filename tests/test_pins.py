@@ -60,7 +60,7 @@ def test_base64_form_is_url_safe() -> None:
     assert validate_instance_id(iid) == iid
 
 
-@pytest.mark.parametrize(("algo", "size"), [(3, 16), (3, 28), (7, 30), (200, 32), (255, 64)])
+@pytest.mark.parametrize(("algo", "size"), [(3, 20), (3, 28), (7, 30), (200, 32), (255, 64), (9, 200)])
 def test_unknown_algorithm_with_sane_digest_is_accepted(algo: int, size: int) -> None:
     digest = bytes(range(size))
     iid = _b64_id(digest, algo)
@@ -74,8 +74,8 @@ def test_unknown_algorithm_with_sane_digest_is_accepted(algo: int, size: int) ->
 
 
 def _non_canonical() -> str:
-    # 17 bytes make 23 characters, 2 bits of which are unused and must be 0.
-    canonical = _b64_id(bytes(16), 3)
+    # 23 bytes make 31 characters, 2 bits of which are unused and must be 0.
+    canonical = _b64_id(bytes(22), 3)
     last = canonical[-1]
     alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
     return canonical[:-1] + alphabet[alphabet.index(last) + 1]
@@ -98,18 +98,19 @@ def _non_canonical() -> str:
         pytest.param(SHA256_ID[:-1] + "é", "unpadded URL-safe base64", id="non-ascii"),
         pytest.param(SHA256_ID + "A", "unpadded URL-safe base64", id="length-1-mod-4"),
         pytest.param(_non_canonical(), "non-canonical base64", id="non-canonical"),
-        pytest.param(_b64_id(bytes(31), SHA256), "a SHA256 digest has 32 bytes, got 31", id="sha256-short"),
-        pytest.param(_b64_id(bytes(33), SHA256), "a SHA256 digest has 32 bytes, got 33", id="sha256-long"),
+        pytest.param(_b64_id(bytes(31), SHA256), "an even number of bytes, got 31", id="sha256-short-odd"),
+        pytest.param(_b64_id(bytes(30), SHA256), "a SHA256 digest has 32 bytes, got 30", id="sha256-short"),
+        pytest.param(_b64_id(bytes(34), SHA256), "a SHA256 digest has 32 bytes, got 34", id="sha256-long"),
         pytest.param(_b64_id(bytes(20), SHA1), "SHA1 instance IDs are written as 40 hex", id="sha1-base64"),
-        pytest.param(_b64_id(bytes(19), SHA1), "a SHA1 digest has 20 bytes, got 19", id="sha1-short"),
+        pytest.param(_b64_id(bytes(22), SHA1), "a SHA1 digest has 20 bytes, got 22", id="sha1-long"),
         pytest.param(_b64_id(bytes(32), HASH_ALGO_UNSPECIFIED), "hash algorithm is unspecified", id="algo-0"),
+        pytest.param(_b64_id(bytes(18), 3), "at least 28 characters, got 26", id="unknown-18"),
+        pytest.param(_b64_id(bytes(65), 3), "an even number of bytes, got 65", id="unknown-65"),
+        # The example the Go client refuses: 32 decoded bytes, "the digest can't be odd".
         pytest.param(
-            _b64_id(bytes(15), 3), "digest of 15 bytes for unknown hash algorithm 3", id="unknown-15"
+            "qUiQTy8PR5uPgZdpSzAYSw0u0cHNKh7A-4XSmaGSpEc", "an even number of bytes, got 31", id="algo-71-odd"
         ),
-        pytest.param(
-            _b64_id(bytes(65), 3), "digest of 65 bytes for unknown hash algorithm 3", id="unknown-65"
-        ),
-        pytest.param("Ag", "a SHA256 digest has 32 bytes, got 0", id="algo-byte-only"),
+        pytest.param("Ag", "at least 28 characters, got 2", id="algo-byte-only"),
     ],
 )
 def test_malformed_instance_id(instance_id: str, fragment: str) -> None:
@@ -129,8 +130,8 @@ def test_instance_id_must_be_a_string(value: object) -> None:
 
 def test_unknown_algorithm_digest_that_would_look_like_sha1_is_rejected() -> None:
     # 29 bytes + the algorithm byte encode to 40 characters: the length that
-    # is always read as the legacy hex form.
-    with pytest.raises(InvalidPinError, match="40-character"):
+    # is always read as the legacy hex form. An odd digest is refused anyway.
+    with pytest.raises(InvalidPinError, match="an even number of bytes, got 29"):
         object_ref_to_instance_id(ObjectRef(hash_algo=3, hex_digest="ab" * 29))  # type: ignore[arg-type]
     with pytest.raises(InvalidPinError, match="must be lowercase hex"):
         instance_id_to_object_ref(_b64_id(bytes(29), 3))
@@ -155,8 +156,9 @@ def test_unknown_algorithm_digest_that_would_look_like_sha1_is_rejected() -> Non
         pytest.param(SHA1, SHA256_HEX, "a SHA1 digest has 20 bytes, got 32", id="sha1-32-bytes"),
         pytest.param(SHA256, SHA1_HEX, "a SHA256 digest has 32 bytes, got 20", id="sha256-20-bytes"),
         pytest.param(SHA256, "", "a SHA256 digest has 32 bytes, got 0", id="empty"),
-        pytest.param(9, "ab" * 15, "digest of 15 bytes for unknown hash algorithm 9", id="unknown-short"),
-        pytest.param(9, "ab" * 65, "digest of 65 bytes for unknown hash algorithm 9", id="unknown-long"),
+        pytest.param(9, "ab" * 18, "digest of 18 bytes for unknown hash algorithm 9", id="unknown-short"),
+        pytest.param(9, "ab" * 15, "an even number of bytes, got 15", id="unknown-odd"),
+        pytest.param(9, "ab" * 65, "an even number of bytes, got 65", id="unknown-long-odd"),
     ],
 )
 def test_malformed_object_ref(algo: int, hex_digest: str, fragment: str) -> None:
@@ -314,7 +316,7 @@ def _digests(draw: st.DrawFn) -> tuple[int, bytes]:
     elif algo == SHA256:
         size = 32
     else:
-        size = draw(st.integers(16, 64).filter(lambda n: n != 29))
+        size = 2 * draw(st.integers(10, 60))
     return algo, draw(st.binary(min_size=size, max_size=size))
 
 
@@ -371,3 +373,115 @@ def test_any_package_name_is_accepted_or_rejected_cleanly(name: str) -> None:
     parts = name.split("/")
     assert all(parts) and not any(set(part) == {"."} for part in parts)
     assert set(name) <= set(string.ascii_lowercase + string.digits + "_-./")
+
+
+# --- the Go client's rules (luci-go cipd/common/iid.go) ------------------------
+#
+# The Go client's verdict on an instance ID, restated from its rules:
+# ValidateInstanceID with AnyHash, and decodeObjectRef for non-hex IDs.
+# Lengths are in bytes, as Go's len() of a string is.
+
+_GO_B64_ALPHABET = set((string.ascii_letters + string.digits + "-_").encode())
+_GO_KNOWN_DIGEST_BYTES: dict[int, int] = {SHA1: 20, SHA256: 32}
+
+
+def go_decode(iid: str) -> tuple[int, str] | None:
+    """(hash algorithm, hex digest) if the Go client accepts ``iid``, else None."""
+    raw = iid.encode("utf-8", errors="surrogatepass")
+    if len(raw) == 40:
+        return (SHA1, iid) if set(raw) <= set(b"0123456789abcdef") else None
+    if len(raw) < 28:
+        return None
+    # Go's base64 decoder skips CR and LF wherever they are, and does not
+    # insist that the unused bits of the last character be zero.
+    symbols = raw.replace(b"\r", b"").replace(b"\n", b"")
+    if not set(symbols) <= _GO_B64_ALPHABET or len(symbols) % 4 == 1:
+        return None
+    blob = base64.urlsafe_b64decode(symbols + b"=" * (-len(symbols) % 4))
+    if not blob or len(blob) % 2 != 1:
+        return None
+    algo, digest = blob[-1], blob[:-1]
+    if algo == 0:
+        return None
+    if algo in _GO_KNOWN_DIGEST_BYTES and len(digest) != _GO_KNOWN_DIGEST_BYTES[algo]:
+        return None
+    return algo, digest.hex()
+
+
+def ours(iid: str) -> tuple[int, str] | None:
+    try:
+        ref = instance_id_to_object_ref(iid)
+    except InvalidPinError:
+        return None
+    return ref.hash_algo, ref.hex_digest
+
+
+def _go_spelling_variants(blob: bytes) -> list[str]:
+    """Ways to write ``blob`` that Go reads alike: canonical, with stray bits, with line breaks."""
+    canonical = base64.urlsafe_b64encode(blob).decode("ascii").rstrip("=")
+    variants = [canonical, canonical[:10] + "\n" + canonical[10:], canonical + "\r\n"]
+    if len(blob) % 3:
+        alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+        variants.append(canonical[:-1] + alphabet[alphabet.index(canonical[-1]) + 1])
+    return variants
+
+
+def _is_refused_on_purpose(iid: str, go: tuple[int, str]) -> bool:
+    """The spellings Go accepts and we refuse, as the module docs list them."""
+    algo, hex_digest = go
+    if algo == SHA1 and len(iid) != 40:
+        return True  # the base64 spelling of a SHA-1 digest
+    if "\r" in iid or "\n" in iid:
+        return True
+    return iid != object_ref_to_instance_id(ObjectRef(hash_algo=algo, hex_digest=hex_digest))  # type: ignore[arg-type]
+
+
+_ID_BLOBS = st.builds(
+    lambda digest, algo: digest + bytes([algo]),
+    st.binary(max_size=70) | st.sampled_from([19, 20, 21, 30, 31, 32, 33]).map(bytes),
+    st.integers(0, 255) | st.sampled_from([HASH_ALGO_UNSPECIFIED, SHA1, SHA256]),
+)
+
+
+@FUZZ
+@given(
+    st.text(max_size=60)
+    | st.text(alphabet=_B64_ALPHABET + "\r\n", max_size=90)
+    | st.text(alphabet="0123456789abcdefABCDEF", min_size=38, max_size=42)
+    | _ID_BLOBS.flatmap(lambda blob: st.sampled_from(_go_spelling_variants(blob)))
+)
+def test_what_we_accept_the_go_client_accepts_alike(iid: str) -> None:
+    """Never accept an ID Go refuses, and read every ID we accept as Go does."""
+    mine = ours(iid)
+    if mine is not None:
+        assert go_decode(iid) == mine
+
+
+@FUZZ
+@given(_ID_BLOBS.flatmap(lambda blob: st.sampled_from(_go_spelling_variants(blob))))
+def test_what_the_go_client_accepts_we_accept_unless_refused_on_purpose(iid: str) -> None:
+    go = go_decode(iid)
+    if go is not None and not _is_refused_on_purpose(iid, go):
+        assert ours(iid) == go
+
+
+@FUZZ
+@given(st.binary(min_size=20, max_size=21).map(bytes.hex), st.integers(1, 255))
+def test_hex_and_base64_boundaries_agree_with_go(hex_digest: str, algo: int) -> None:
+    """40 lowercase hex characters are always SHA-1; other lengths decode as base64."""
+    assert ours(hex_digest[:40]) == go_decode(hex_digest[:40]) == (SHA1, hex_digest[:40])
+    blob = bytes.fromhex(hex_digest) + bytes([algo])
+    iid = base64.urlsafe_b64encode(blob).decode("ascii").rstrip("=")
+    go = go_decode(iid)
+    assert ours(iid) == (None if go is None or _is_refused_on_purpose(iid, go) else go)
+
+
+def test_go_rules_on_examples() -> None:
+    # The Go client refuses it: 32 decoded bytes, so "the digest can't be odd".
+    assert go_decode("qUiQTy8PR5uPgZdpSzAYSw0u0cHNKh7A-4XSmaGSpEc") is None
+    assert ours("qUiQTy8PR5uPgZdpSzAYSw0u0cHNKh7A-4XSmaGSpEc") is None
+    assert go_decode(SHA256_ID) == ours(SHA256_ID) == (SHA256, SHA256_HEX)
+    # An even digest of an unknown algorithm, but shorter than 28 characters.
+    short = _b64_id(bytes(18), 9)
+    assert len(short) == 26
+    assert go_decode(short) is None and ours(short) is None
