@@ -6,6 +6,7 @@ whether package instances may be deployed; the plugin side
 speak the CIPD plugin wire protocol of the Go CIPD client.
 """
 
+from cipdplugin.backend import LuciAuthTokenSource, PrpcRepository
 from cipdplugin.config import DEFAULT_SERVICE_URL, Config, RepositoryClient
 from cipdplugin.errors import (
     AdmissionDenied,
@@ -15,6 +16,7 @@ from cipdplugin.errors import (
     PluginStartError,
 )
 from cipdplugin.host import AdmissionPlugin, Host, PluginProcess
+from cipdplugin.options import ClientOptions, ConfigError, load_client_options
 from cipdplugin.pins import Pin, instance_id_to_object_ref, object_ref_to_instance_id
 from cipdplugin.protocol.cipd_pb2 import (
     InstanceMetadata,
@@ -31,20 +33,25 @@ __all__ = [
     "AdmissionDenied",
     "AdmissionError",
     "AdmissionPlugin",
+    "ClientOptions",
     "Config",
+    "ConfigError",
     "Host",
     "InstanceMetadata",
     "InvalidPinError",
     "ListMetadataRequest",
     "ListMetadataResponse",
+    "LuciAuthTokenSource",
     "ObjectRef",
     "Pin",
     "PluginAbortedError",
     "PluginProcess",
     "PluginStartError",
+    "PrpcRepository",
     "RepositoryClient",
     "RepositoryFileError",
     "StaticRepository",
     "instance_id_to_object_ref",
+    "load_client_options",
     "object_ref_to_instance_id",
 ]

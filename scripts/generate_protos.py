@@ -12,7 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-PROTO_FILES = ("cipdplugin/protocol/cipd.proto", "cipdplugin/protocol/plugin.proto")
+PROTO_FILES = (
+    "cipdplugin/protocol/cipd.proto",
+    "cipdplugin/protocol/plugin.proto",
+    "cipdplugin/protocol/config.proto",
+)
 # Only these declare services, so only they get a ``_pb2_grpc`` module.
 SERVICE_FILES = ("cipdplugin/protocol/plugin.proto",)
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from cipdplugin import Config, Host, StaticRepository
+from tests.prpc_backend import PrpcBackend, TLSFiles, make_tls_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_PLUGIN = REPO_ROOT / "tests" / "plugins" / "admission_plugin.py"
@@ -106,3 +108,30 @@ def assert_no_leaks(before: ResourceSnapshot, timeout: float = 5.0) -> None:
         return not leaks
 
     assert wait_until(settled, timeout), f"resources leaked: {leaks}"
+
+
+# -- A pRPC CIPD backend (tests/prpc_backend.py) --------------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A test CA and a server certificate for 127.0.0.1; skips without openssl."""
+    try:
+        return make_tls_files(tmp_path_factory.mktemp("tls"))
+    except RuntimeError as exc:
+        pytest.skip(f"no TLS test certificates: {exc}")
+
+
+@pytest.fixture
+def make_backend() -> Iterator[Callable[..., PrpcBackend]]:
+    """Start pRPC backends (``PrpcBackend`` arguments) that stop when the test ends."""
+    backends: list[PrpcBackend] = []
+
+    def make(repository: StaticRepository | None = None, **kwargs: Any) -> PrpcBackend:
+        backend = PrpcBackend(repository if repository is not None else StaticRepository(), **kwargs)
+        backends.append(backend)
+        return backend
+
+    yield make
+    for backend in backends:
+        backend.close()

@@ -12,7 +12,15 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL_DIR = Path("cipdplugin") / "protocol"
-GENERATED_FILES = ("cipd_pb2.py", "cipd_pb2.pyi", "plugin_pb2.py", "plugin_pb2.pyi", "plugin_pb2_grpc.py")
+GENERATED_FILES = (
+    "cipd_pb2.py",
+    "cipd_pb2.pyi",
+    "config_pb2.py",
+    "config_pb2.pyi",
+    "plugin_pb2.py",
+    "plugin_pb2.pyi",
+    "plugin_pb2_grpc.py",
+)
 
 # Lines that name the generating tools' versions: a patch release of
 # grpcio-tools changes them without changing what goes on the wire.

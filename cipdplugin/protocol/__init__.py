@@ -2,7 +2,8 @@
 
 ``cipd_pb2`` holds the shared repository messages (package ``cipd``),
 ``plugin_pb2`` and ``plugin_pb2_grpc`` the plugin protocol (package
-``cipd.plugin``). Regenerate them with ``make protos``.
+``cipd.plugin``), ``config_pb2`` the CIPD client's configuration file
+(package ``cipd.client.config``). Regenerate them with ``make protos``.
 """
 
 from cipdplugin.protocol import cipd_pb2, plugin_pb2
