@@ -28,6 +28,7 @@ import gzip
 import http.client
 import json
 import logging
+import math
 import random
 import shutil
 import socket
@@ -55,7 +56,7 @@ DEFAULT_TIMEOUT = 30.0
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 #: Idle keep-alive connections kept per repository.
-MAX_IDLE_CONNECTIONS = 4
+MAX_IDLE_CONNECTIONS = 8
 #: Larger answers are refused (the Go pRPC client's limit).
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: Error messages from the body are cut to this many bytes, as the Go client does.
@@ -64,6 +65,9 @@ ERROR_BODY_LIMIT = 256
 TOKEN_REFRESH_MARGIN = 60.0
 #: How long a token given without an expiry is used, in seconds.
 PLAIN_TOKEN_LIFETIME = 300.0
+
+#: A retry is only worth it with this much time left, in seconds.
+_MIN_ATTEMPT = 0.05
 
 LIST_METADATA_PATH = "/prpc/cipd.Repository/ListMetadata"
 PRPC_BINARY = "application/prpc; encoding=binary"
@@ -77,7 +81,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _TRANSIENT_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE})
 _BINARY_TYPES = frozenset({"application/prpc", "application/protobuf", "application/x-protobuf"})
 # pRPC timeout units, finest first: a value has at most 8 digits.
-_TIMEOUT_UNITS = ((1e-9, "n"), (1e-6, "u"), (1e-3, "m"), (1.0, "S"), (60.0, "M"), (3600.0, "H"))
+_TIMEOUT_UNITS = ((1, "n"), (10**3, "u"), (10**6, "m"), (10**9, "S"), (60 * 10**9, "M"), (3600 * 10**9, "H"))
 
 
 class _Failure(Exception):
@@ -92,10 +96,11 @@ class _Failure(Exception):
 
 def encode_timeout(seconds: float) -> str:
     """A ``X-Prpc-Grpc-Timeout`` value: the finest unit that fits 8 digits, rounded up."""
+    nanoseconds = max(math.ceil(seconds * 1e9), 1)
     for unit, suffix in _TIMEOUT_UNITS:
-        count = -int(-seconds // unit)  # ceiling without float surprises at exact values
+        count = -(-nanoseconds // unit)  # rounded up, in whole integers
         if count <= 99_999_999 or suffix == "H":
-            return f"{max(count, 1)}{suffix}"
+            return f"{count}{suffix}"
     raise AssertionError("unreachable: hours always fit")
 
 
@@ -406,7 +411,9 @@ class PrpcRepository:
                 if failure.code == grpc.StatusCode.UNAUTHENTICATED and self._tokens is not None:
                     self._tokens.invalidate()
                 delay = self._backoff(retry)
-                if not failure.transient or delay >= deadline - time.monotonic():
+                # No retry that could not get an answer in time: the failure
+                # in hand says more than a DEADLINE_EXCEEDED would.
+                if not failure.transient or delay + _MIN_ATTEMPT >= deadline - time.monotonic():
                     raise AdmissionError(failure.code, failure.message) from None
                 retry += 1
                 log.info(

@@ -8,6 +8,7 @@ per request, before answering normally again.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import shutil
 import socket
@@ -86,15 +87,21 @@ def make_tls_files(directory: Path) -> TLSFiles:
     )
     curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     commands = [
-        [openssl, "req", "-x509", *curve, "-keyout", ca_key, "-out", ca, "-days", "2"]
-        + ["-subj", "/CN=cipdplugin test CA", "-addext", "basicConstraints=critical,CA:TRUE"]
-        + ["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        [
+            *(openssl, "req", "-x509", *curve, "-keyout", ca_key, "-out", ca, "-days", "2"),
+            *("-subj", "/CN=cipdplugin test CA", "-addext", "basicConstraints=critical,CA:TRUE"),
+            *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
+        ],
         [openssl, "req", *curve, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"]
-        + ["-out", certificate, "-days", "2", "-extfile", extensions],
+        [
+            *(openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"),
+            *("-out", certificate, "-days", "2", "-extfile", extensions),
+        ],
     ]
     for command in commands:
-        done = subprocess.run([str(part) for part in command], capture_output=True, text=True, check=False, timeout=60)
+        done = subprocess.run(
+            [str(part) for part in command], capture_output=True, text=True, check=False, timeout=60
+        )
         if done.returncode != 0:
             raise RuntimeError(f"openssl failed: {done.stderr.strip()}")
     return TLSFiles(ca, certificate, key)
@@ -106,6 +113,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        if self.connection.family != socket.AF_UNIX:
+            # Headers and body go out in two writes: no Nagle delay between them.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.backend._opened(self.connection)
 
     def finish(self) -> None:
@@ -191,10 +201,8 @@ class PrpcBackend:
         with self._lock:
             live = list(self._live)
         for connection in live:
-            try:
+            with contextlib.suppress(OSError):  # already closed by the client
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self._thread.join(timeout=5)
 
     def inject(self, *faults: Fault) -> None:
