@@ -182,7 +182,7 @@ class PrpcBackend:
                 context.load_cert_chain(tls.certificate, tls.key)
                 tcp = self.server
                 tcp.socket = context.wrap_socket(tcp.socket, server_side=True)
-        self.server.backend = self  # type: ignore[attr-defined]
+        self.server.backend = self  # type: ignore[union-attr]
         self._thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="prpc-backend", daemon=True
         )

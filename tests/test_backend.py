@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,8 +33,6 @@ from tests.prpc_backend import Fault, PrpcBackend, TLSFiles
 
 PIN = Pin("ok/tool", hex_id(1))
 ALLOWLIST_PLUGIN = REPO_ROOT / "examples" / "allowlist_plugin.py"
-# Small delays keep the retry tests fast; the backoff rule itself is the same.
-FAST = {"initial_backoff": 0.01, "max_backoff": 0.05}
 MakeBackend = Callable[..., PrpcBackend]
 
 
@@ -41,10 +40,27 @@ def entries(count: int) -> list[InstanceMetadata]:
     return [InstanceMetadata(key=f"k{i}", value=f"v{i}".encode()) for i in range(count)]
 
 
-def request(pin: Pin = PIN, **fields: object) -> ListMetadataRequest:
+def request(pin: Pin = PIN, **fields: Any) -> ListMetadataRequest:
     return ListMetadataRequest(
         package=pin.package, instance=instance_id_to_object_ref(pin.instance_id), **fields
-    )  # type: ignore[arg-type]
+    )
+
+
+def fast_repository(url: str, **kwargs: Any) -> PrpcRepository:
+    """A repository with small retry delays: the tests stay fast, the rule is the same."""
+    return PrpcRepository(url, initial_backoff=0.01, max_backoff=0.05, **kwargs)
+
+
+class CountingTokens:
+    """A token source that counts its calls."""
+
+    def __init__(self, token: str = "t") -> None:
+        self.token = token
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        return self.token
 
 
 @pytest.fixture
@@ -54,7 +70,7 @@ def backend(make_backend: MakeBackend) -> PrpcBackend:
 
 @pytest.fixture
 def repository(backend: PrpcBackend) -> Iterator[PrpcRepository]:
-    with PrpcRepository(backend.url, timeout=5, **FAST) as repo:
+    with fast_repository(backend.url, timeout=5) as repo:
         yield repo
 
 
@@ -149,7 +165,7 @@ def test_transient_codes_are_retried(backend: PrpcBackend, repository: PrpcRepos
 def test_a_lasting_transient_error_is_reported_as_the_backend_said(make_backend: MakeBackend) -> None:
     backend = make_backend()
     backend.inject(*[Fault("code", 14, "backend is overloaded")] * 1000)
-    with PrpcRepository(backend.url, timeout=0.5, **FAST) as repo:
+    with fast_repository(backend.url, timeout=0.5) as repo:
         error = failure(lambda: repo.list_metadata(request()))
     assert (error.code, error.message) == (grpc.StatusCode.UNAVAILABLE, "backend is overloaded")
     assert len(backend.received) > 2
@@ -158,7 +174,7 @@ def test_a_lasting_transient_error_is_reported_as_the_backend_said(make_backend:
 def test_an_html_503_page_is_retried_then_unavailable(make_backend: MakeBackend) -> None:
     backend = make_backend(StaticRepository({PIN: entries(1)}))
     backend.inject(Fault("html-503"))
-    with PrpcRepository(backend.url, timeout=5, **FAST) as repo:
+    with fast_repository(backend.url, timeout=5) as repo:
         assert len(repo.list_metadata(request()).metadata) == 1
         backend.inject(*[Fault("html-503")] * 1000)
         repo.timeout = 0.3
@@ -190,7 +206,7 @@ def test_a_body_that_does_not_decode_is_internal(backend: PrpcBackend, repositor
 def test_an_answer_slower_than_the_timeout_is_deadline_exceeded(make_backend: MakeBackend) -> None:
     backend = make_backend()
     backend.inject(Fault("slow", seconds=30))
-    with PrpcRepository(backend.url, timeout=0.3, **FAST) as repo:
+    with fast_repository(backend.url, timeout=0.3) as repo:
         error = failure(lambda: repo.list_metadata(request()))
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "0.3 s" in error.message
@@ -200,7 +216,7 @@ def test_no_backend_listening_is_unavailable_after_retries(make_backend: MakeBac
     backend = make_backend()
     url = backend.url
     backend.close()
-    with PrpcRepository(url, timeout=0.3, **FAST) as repo:
+    with fast_repository(url, timeout=0.3) as repo:
         error = failure(lambda: repo.list_metadata(request()))
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert f"cannot reach {url}" in error.message
@@ -236,7 +252,7 @@ def test_sequential_calls_reuse_one_connection(backend: PrpcBackend, repository:
 def test_concurrent_calls_are_answered_correctly(make_backend: MakeBackend) -> None:
     pins = [Pin("pkg/many", hex_id(n)) for n in range(20)]
     backend = make_backend(StaticRepository({pin: entries(n % 4) for n, pin in enumerate(pins)}))
-    with PrpcRepository(backend.url, timeout=10, **FAST) as repo, ThreadPoolExecutor(8) as pool:
+    with fast_repository(backend.url, timeout=10) as repo, ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda pin: repo.list_metadata(request(pin)), pins * 5))
     assert [len(answer.metadata) for answer in answers] == [n % 4 for n in range(20)] * 5
     # Connections are reused: no more than the calls at once.
@@ -255,16 +271,11 @@ def trusted(tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch) -> TLSFiles:
 
 def test_tls_with_a_bearer_token_cached(make_backend: MakeBackend, trusted: TLSFiles) -> None:
     backend = make_backend(StaticRepository({PIN: entries(2)}), token="s3cret", tls=trusted)
-    calls = []
-
-    def token_source() -> str:
-        calls.append(1)
-        return "s3cret"
-
-    with PrpcRepository(backend.url, token_source=token_source, timeout=5) as repo:
+    tokens = CountingTokens("s3cret")
+    with PrpcRepository(backend.url, token_source=tokens, timeout=5) as repo:
         for _ in range(3):
             assert len(repo.list_metadata(request()).metadata) == 2
-    assert len(calls) == 1
+    assert tokens.calls == 1
     assert {r.headers["Authorization"] for r in backend.received} == {"Bearer s3cret"}
     assert backend.connections == 1
 
@@ -311,7 +322,7 @@ def test_an_untrusted_certificate_is_unavailable_at_once(
     empty.mkdir()
     monkeypatch.setenv("SSL_CERT_FILE", str(empty / "missing.pem"))
     monkeypatch.setenv("SSL_CERT_DIR", str(empty))
-    with PrpcRepository(backend.url, timeout=5, **FAST) as repo:
+    with fast_repository(backend.url, timeout=5) as repo:
         error = failure(lambda: repo.list_metadata(request()))
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert "not trusted" in error.message and "SSL_CERT_FILE" in error.message
@@ -319,26 +330,26 @@ def test_an_untrusted_certificate_is_unavailable_at_once(
 
 
 def test_no_credentials_to_an_http_backend(backend: PrpcBackend) -> None:
-    called = []
-    with PrpcRepository(backend.url, token_source=lambda: called.append(1) or "t", timeout=5) as repo:
+    tokens = CountingTokens()
+    with PrpcRepository(backend.url, token_source=tokens, timeout=5) as repo:
         repo.list_metadata(request())
-    assert called == []
+    assert tokens.calls == 0
     assert "Authorization" not in backend.received[0].headers
 
 
 def test_through_the_unix_socket_proxy(make_backend: MakeBackend, tmp_path: Path) -> None:
     socket_path = tmp_path / "proxy.sock"
     proxy = make_backend(StaticRepository({PIN: entries(3)}), unix_socket=socket_path)
-    called = []
+    tokens = CountingTokens()
     with PrpcRepository(
         "https://cipd.example.com:8443",
         proxy_url=f"unix://{socket_path}",
-        token_source=lambda: called.append(1) or "t",
+        token_source=tokens,
         timeout=5,
     ) as repo:
         for _ in range(3):
             assert len(repo.list_metadata(request()).metadata) == 3
-    assert called == []
+    assert tokens.calls == 0
     assert [r.headers["Host"] for r in proxy.received] == ["cipd.example.com:8443"] * 3
     assert all("Authorization" not in r.headers for r in proxy.received)
 
