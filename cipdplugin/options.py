@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -219,6 +220,10 @@ def _plugin_from_env(text: str) -> tuple[str, ...]:
         raise ConfigError(
             f"${ADMISSION_PLUGIN_ENV} is not valid JSON ({exc}); expected a list of strings, {example}"
         ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"${ADMISSION_PLUGIN_ENV} is nested too deeply; expected a list of strings, {example}"
+        ) from None
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -227,7 +232,10 @@ def _plugin_from_env(text: str) -> tuple[str, ...]:
         )
     for index, item in enumerate(value):
         if not isinstance(item, str):
-            raise ConfigError(f"${ADMISSION_PLUGIN_ENV}: item {index} must be a string, got {item!r}")
+            # reprlib: an item may be nested too deeply for repr() itself.
+            raise ConfigError(
+                f"${ADMISSION_PLUGIN_ENV}: item {index} must be a string, got {reprlib.repr(item)}"
+            )
         try:
             item.encode("utf-8")
         except UnicodeEncodeError:

@@ -34,8 +34,9 @@ def run_cli(
     env: dict[str, str] | None = None,
     executable: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``cipdplugin`` with ``args`` and no inherited plugin variable."""
-    environment = {name: value for name, value in os.environ.items() if name != PLUGIN_ENV}
+    """Run ``cipdplugin`` with ``args``, no inherited CIPD variable and no config file."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("CIPD_")}
+    environment["CIPD_CONFIG_FILE"] = "-"
     environment.update(env or {})
     command = executable or [sys.executable, "-m", "cipdplugin"]
     return subprocess.run(
@@ -374,10 +375,14 @@ def test_metadata_file_is_served_to_the_plugin(tmp_path: Path) -> None:
     ]
 
 
-def test_without_metadata_file_metadata_is_unimplemented() -> None:
-    result = check("metadata", "--json", ADMITTED_PIN)
+def test_without_metadata_file_an_unreachable_backend_fails_the_check() -> None:
+    # Port 9 on loopback: nothing listens, and nothing leaves the machine.
+    result = check(
+        "metadata", "--json", "--timeout", "4", ADMITTED_PIN, env={"CIPD_SERVICE_URL": "http://127.0.0.1:9"}
+    )
     assert result.returncode == 2
-    assert verdicts(result) == [("error", "UNIMPLEMENTED")]
+    assert verdicts(result) == [("error", "UNAVAILABLE")]
+    assert "cannot reach http://127.0.0.1:9" in report(result)["pins"][0]["message"]
 
 
 def test_malformed_metadata_file_is_a_usage_error(tmp_path: Path) -> None:

@@ -105,6 +105,8 @@ def test_empty_plugin_values_count_as_unset(value: str, default_file: Path) -> N
         ('["/bin/plugin", 3]', "$CIPD_ADMISSION_PLUGIN: item 1 must be a string, got 3"),
         ("[null]", "$CIPD_ADMISSION_PLUGIN: item 0 must be a string"),
         ('["\\ud800"]', "$CIPD_ADMISSION_PLUGIN: item 0 is not valid Unicode text"),
+        ("[" * 50_000 + "]" * 50_000, "$CIPD_ADMISSION_PLUGIN is nested too deeply"),
+        ("[" * 980 + "]" * 980, "$CIPD_ADMISSION_PLUGIN: item 0 must be a string, got [[[["),
     ],
 )
 def test_invalid_plugin_variable(value: str, expected: str) -> None:
@@ -277,7 +279,7 @@ def test_default_path_that_is_a_directory_is_an_error(default_file: Path) -> Non
 def test_parse_errors_name_the_file_and_position(tmp_path: Path, text: str, line: int) -> None:
     path = write(tmp_path / "cipd.cfg", text)
     message = error({"CIPD_CONFIG_FILE": str(path)})
-    assert re.match(f"cannot parse CIPD config file {re.escape(str(path))}:{line}:[0-9]+: \S", message), (
+    assert re.match(f"cannot parse CIPD config file {re.escape(str(path))}:{line}:[0-9]+: \\S", message), (
         message
     )
 

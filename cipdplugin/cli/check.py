@@ -32,6 +32,7 @@ from cipdplugin import (
     AdmissionDenied,
     AdmissionError,
     Config,
+    ConfigError,
     Host,
     __version__,
 )
@@ -39,9 +40,7 @@ from cipdplugin.cli.inputs import (
     PLUGIN_ENV,
     PinRequest,
     UsageError,
-    load_config,
     parse_pin_argument,
-    plugin_cmdline,
     read_pins_file,
 )
 from cipdplugin.cli.report import (
@@ -53,6 +52,7 @@ from cipdplugin.cli.report import (
     exit_status,
     json_report,
 )
+from cipdplugin.cli.sources import add_source_options, resolve_sources
 
 #: Default limit, in seconds, for the whole run.
 DEFAULT_TIMEOUT = 300.0
@@ -83,10 +83,17 @@ failed (invalid pin, plugin missing or crashed, timeout, ...).
 """
 
 _EPILOG = f"""\
-plugin command line:
-  --plugin, or else the {PLUGIN_ENV} environment variable (as the Go CIPD
-  client reads it; an empty value counts as unset), holds a JSON list of
-  strings: the executable and its arguments, e.g. '["/opt/plugin", "-v"]'.
+plugin command line and backend (as the Go CIPD client finds them):
+  --plugin, or else the {PLUGIN_ENV} environment variable (an empty value,
+  [] and null count as unset), holds a JSON list of strings: the executable
+  and its arguments, e.g. '["/opt/plugin", "-v"]'. Without either, the
+  plugin comes from the CIPD config file: $CIPD_CONFIG_FILE (an absolute
+  path, or "-" for none), else /etc/chrome-infra/cipd.cfg if it exists:
+    plugins {{ admission {{ cmd: "/opt/plugin" args: "-v" }} }}
+  The backend is --service-url, else $CIPD_SERVICE_URL, else
+  {DEFAULT_SERVICE_URL}; $CIPD_PROXY_URL (unix:///path) sends backend
+  calls through a local CIPD proxy. -v says where each came from. An invalid
+  variable or config file is an error (exit status 2).
 
 pins:
   PIN arguments are "package:instance_id". --pins-json reads the file that
@@ -96,8 +103,10 @@ pins:
 
 metadata:
   Plugins may ask for instance metadata. --metadata serves it from a JSON file
-  (the StaticRepository format, see the README); without it, such requests
-  fail with UNIMPLEMENTED.
+  (the StaticRepository format, see the README); without it, it comes from
+  the backend, with a token from `luci-auth token` for https backends (log
+  in once with `luci-auth login`; --no-auth sends none). Plain http backends
+  and the proxy get no credentials.
 
 --json report (printed to stdout instead of the lines):
   {{"pins": [{{"pin": "<as given>", "package": "<str or null>",
@@ -341,11 +350,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     check.add_argument(
         "--service-url",
-        default=DEFAULT_SERVICE_URL,
         metavar="URL",
-        help="the CIPD backend the pins come from, as plugins see it (default: %(default)s)",
+        help=f"the CIPD backend the pins come from (default: $CIPD_SERVICE_URL, else {DEFAULT_SERVICE_URL})",
     )
-    check.add_argument("--metadata", metavar="FILE.json", help="instance metadata to serve to the plugin")
+    check.add_argument(
+        "--metadata",
+        metavar="FILE.json",
+        help="instance metadata to serve to the plugin (default: the backend's)",
+    )
+    add_source_options(check)
     check.add_argument(
         "--pins-json",
         action="append",
@@ -406,9 +419,11 @@ def run_check(
 
     Raises:
         UsageError: the arguments or input files are unusable.
+        ConfigError: the CIPD client options (environment, config file) are invalid.
     """
-    cmdline = plugin_cmdline(args.plugin, environ)
-    config = load_config(args.service_url, args.metadata)
+    # Nothing connects before the checks run: only they need closing after.
+    sources = resolve_sources(args, environ)
+    cmdline, config = sources.cmdline, sources.config
     if args.pins_json.count("-") > 1:
         raise UsageError('"--pins-json -" may be given only once: standard input is read once')
     requests = [parse_pin_argument(text) for text in args.pins]
@@ -419,9 +434,11 @@ def run_check(
     long_run = sum(request.pin is not None for request in requests) > PROGRESS_THRESHOLD
     progress = Progress(stderr) if long_run and stderr.isatty() else None
     with _logging_to(stderr, _log_level(args.verbose, args.quiet)):
-        verdicts = check_pins(
-            requests, cmdline, config, timeout=args.timeout, progress=progress, stop_signals=stop_signals
-        )
+        sources.log_origins()
+        with sources:
+            verdicts = check_pins(
+                requests, cmdline, config, timeout=args.timeout, progress=progress, stop_signals=stop_signals
+            )
     if args.json:
         stdout.write(json.dumps(json_report(verdicts), indent=2) + "\n")
     else:
@@ -453,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except UsageError as exc:
         check.print_usage(sys.stderr)
+        print(f"cipdplugin check: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ConfigError as exc:
         print(f"cipdplugin check: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
