@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -179,3 +180,43 @@ def test_a_config_file_without_a_plugin_is_no_plugin(tmp_path: Path) -> None:
     result = run_cli("check", str(ALLOWED), env={"CIPD_CONFIG_FILE": str(config)})
     assert result.returncode == 2
     assert "no plugin given" in result.stderr and f"{config} has none" in result.stderr
+
+
+def test_deploy_from_env_example(make_backend: MakeBackend) -> None:
+    pin = Pin("infra/tool", SHA256_ID)
+    other = Pin("infra/tool", "B" + SHA256_ID[1:])
+    digest = instance_id_to_object_ref(SHA256_ID).hex_digest
+    backend = make_backend(
+        StaticRepository({pin: [InstanceMetadata(key="allowed-sha256", value=digest.encode())]})
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CIPD_")}
+    env.update(
+        CIPD_ADMISSION_PLUGIN=json.dumps(
+            [sys.executable, str(REPO_ROOT / "examples" / "allowlist_plugin.py")]
+        ),
+        CIPD_SERVICE_URL=backend.url,
+        CIPD_CONFIG_FILE="-",
+    )
+    script = REPO_ROOT / "examples" / "deploy_from_env.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(pin), str(other)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"  deployed  {pin}" in result.stdout.splitlines()
+    assert f"  denied    {other}: no allowed-sha256 entry matches" in result.stdout
+
+    broken = subprocess.run(
+        [sys.executable, str(script), str(pin)],
+        capture_output=True,
+        text=True,
+        env={**env, "CIPD_SERVICE_URL": "ftp://x"},
+        timeout=60,
+        check=False,
+    )
+    assert broken.returncode == 2
+    assert "CIPD_SERVICE_URL" in broken.stderr and "Traceback" not in broken.stderr
