@@ -106,7 +106,7 @@ def test_empty_plugin_values_count_as_unset(value: str, default_file: Path) -> N
         ("[null]", "$CIPD_ADMISSION_PLUGIN: item 0 must be a string"),
         ('["\\ud800"]', "$CIPD_ADMISSION_PLUGIN: item 0 is not valid Unicode text"),
         ("[" * 50_000 + "]" * 50_000, "$CIPD_ADMISSION_PLUGIN is nested too deeply"),
-        ("[" * 980 + "]" * 980, "$CIPD_ADMISSION_PLUGIN: item 0 must be a string, got [[[["),
+        ("[" * 400 + "]" * 400, "$CIPD_ADMISSION_PLUGIN: item 0 must be a string, got [[[["),
     ],
 )
 def test_invalid_plugin_variable(value: str, expected: str) -> None:
