@@ -34,6 +34,7 @@ from cipdplugin import (
     StaticRepository,
 )
 from cipdplugin.host import PluginState
+from cipdplugin.host import process as process_module
 from tests.conftest import (
     REPO_ROOT,
     SERVICE_URL,
@@ -394,6 +395,28 @@ def test_daemon_of_a_plugin_that_died_is_killed(tmp_path: Path) -> None:
     finally:
         process.terminate()
     assert_all_gone({daemon})
+    assert_no_leaks(before)
+
+
+def test_session_member_of_a_plugin_that_died_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A descendant in a process group of its own, orphaned when the plugin died
+    before any record of it, is still in the plugin's session."""
+    before = resource_baseline()
+    # No record after the first, taken as the plugin starts: only the session can tell.
+    monkeypatch.setattr(process_module, "FAMILY_INTERVAL", 3600.0)
+    pid_file = tmp_path / "member.pid"
+    process = PluginProcess(plugin_cmd("new-group", str(pid_file)), logger=logging.getLogger("cipdplugin"))
+    try:
+        member = read_pid(pid_file)
+        assert os.getpgid(member) != process.pid
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL
+        assert member not in process._family
+    finally:
+        process.terminate()
+    assert_all_gone({member})
     assert_no_leaks(before)
 
 

@@ -193,8 +193,8 @@ class PluginProcess:
         """Stop the plugin and every process it started; return its exit status.
 
         Closes stdin; after a grace period sends SIGTERM to the plugin, its
-        process group and its descendants; at the deadline (5 s, or
-        ``timeout`` if shorter) sends SIGKILL to whatever is left. The
+        process group and session, and its descendants; at the deadline (5 s,
+        or ``timeout`` if shorter) sends SIGKILL to whatever is left. The
         descendants signalled are those running now and every one the monitor
         saw while the plugin ran (see docs/reliability.md for what can still
         escape). Returns within the deadline plus a small constant; safe to
@@ -206,16 +206,13 @@ class PluginProcess:
         self.close_stdin()
         if not self.done.wait(min(STOP_GRACE, deadline_span / 2)):
             family = self._remember_family()
-            self._signal_everyone(family, signal.SIGTERM)
-        else:
-            # The plugin left, but what it started must not outlive it.
-            self._signal_everyone(family, signal.SIGTERM)
+        # Signalled even if the plugin left: what it started must not outlive it.
+        family = self._signal_everyone(family, signal.SIGTERM)
         self.done.wait(max(0.0, deadline - time.monotonic()))
         alive = [p for p in family if _is_running(p)]
         if alive:
             psutil.wait_procs(alive, timeout=max(0.0, deadline - time.monotonic()))
-        family = self._remember_family()
-        self._signal_everyone(family, signal.SIGKILL)
+        family = self._signal_everyone(self._remember_family(), signal.SIGKILL)
         self.done.wait(_KILL_SETTLE)
         alive = [p for p in family if _is_running(p)]
         if alive:
@@ -223,15 +220,35 @@ class PluginProcess:
         self._remember_family()  # Forget those that are gone.
         return self.returncode
 
-    def _signal_everyone(self, family: set[psutil.Process], sig: int) -> None:
-        """Signal the plugin (unless reaped), its process group, and ``family``."""
-        _signal_all([self._self_process(), *family], sig)
+    def _signal_everyone(self, family: set[psutil.Process], sig: int) -> set[psutil.Process]:
+        """Signal the plugin (unless reaped), its group and session, and ``family``; return whom."""
+        everyone = family | self._kin()
+        _signal_all([self._self_process(), *everyone], sig)
         # The group outlives its leader while any member runs, and its ID
         # cannot be reused meanwhile, so this reaches only the plugin's
         # group, even after the plugin was reaped. It catches members
-        # started after the family was listed.
+        # started after the others were listed.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
+        return everyone
+
+    def _kin(self) -> set[psutil.Process]:
+        """Every process in the plugin's process group or session, the plugin aside.
+
+        A descendant may leave the group (setpgid) yet stay in the session;
+        only setsid leaves both. As with the group, a session's ID is not
+        reused while any member runs.
+        """
+        found: set[psutil.Process] = set()
+        for pid in psutil.pids():
+            if pid == self.pid:
+                continue
+            try:
+                if os.getpgid(pid) == self.pid or os.getsid(pid) == self.pid:
+                    found.add(psutil.Process(pid))
+            except (OSError, psutil.Error):
+                pass  # Gone meanwhile.
+        return found
 
     def _self_process(self) -> psutil.Process | None:
         if self.done.is_set() or self._popen.returncode is not None:

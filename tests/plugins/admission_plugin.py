@@ -24,6 +24,8 @@ Usage: admission_plugin.py MODE [ARG...]. Modes:
 * ``flood``: writes the given number of lines to stderr and logs as many records, then admits.
 * ``orphan PID_FILE``: starts a child that starts a grandchild and exits (the
   grandchild is reparented), then acts as ``admit``.
+* ``new-group PID_FILE``: like ``orphan``, but the child first moves to a
+  process group of its own (in the same session).
 * ``daemon PID_FILE``: starts a daemon the classic way (fork, ``setsid``,
   fork, the middle process exits), then acts as ``admit``.
 * ``flood-after-exit PID_FILE``: starts a child that writes short lines to
@@ -170,12 +172,15 @@ def _admit_all(request: admission.Request, info: admission.InstanceInfo) -> None
     _admit_by_name(request)
 
 
-def _left_behind(*, setsid: bool, body: str) -> str:
-    """Code for a child that forks a grandchild and exits; the grandchild writes its pid, runs ``body``."""
+def _left_behind(*, leave: str, body: str) -> str:
+    """Code for a child that runs ``leave``, forks a grandchild and exits.
+
+    The grandchild writes its pid, then runs ``body``.
+    """
     return textwrap.dedent(
         f"""
         import os, sys, time
-        {"os.setsid()" if setsid else ""}
+        {leave}
         if os.fork() == 0:
             with open(sys.argv[1] + ".tmp", "w") as file:
                 file.write(str(os.getpid()))
@@ -195,9 +200,10 @@ _FLOOD = """
 """
 #: The code of the child each mode starts (and waits for).
 _LEFT_BEHIND = {
-    "orphan": _left_behind(setsid=False, body="time.sleep(600)"),
-    "daemon": _left_behind(setsid=True, body="time.sleep(600)"),
-    "flood-after-exit": _left_behind(setsid=False, body=_FLOOD.strip()),
+    "orphan": _left_behind(leave="", body="time.sleep(600)"),
+    "new-group": _left_behind(leave="os.setpgid(0, 0)", body="time.sleep(600)"),
+    "daemon": _left_behind(leave="os.setsid()", body="time.sleep(600)"),
+    "flood-after-exit": _left_behind(leave="", body=_FLOOD.strip()),
 }
 
 
