@@ -80,8 +80,11 @@ def spawn(cmdline: Sequence[str]) -> subprocess.Popen[bytes]:
         finally:
             os.close(write_end)
         # EOF once execve succeeded (the pipe is close-on-exec there); an
-        # errno if it failed.
-        ready, _, _ = select.select([read_end], [], [], _EXEC_REPORT_WAIT)
+        # errno if it failed. poll, not select: a busy host may have
+        # descriptors numbered past select's limit of 1024.
+        poller = select.poll()
+        poller.register(read_end, select.POLLIN)
+        ready = poller.poll(_EXEC_REPORT_WAIT * 1000)
         report = os.read(read_end, 64) if ready else b""
     finally:
         os.close(read_end)
