@@ -56,6 +56,7 @@ from google.protobuf import text_format
 
 from cipdplugin.config import DEFAULT_SERVICE_URL
 from cipdplugin.protocol.config_pb2 import ClientConfig
+from cipdplugin.textproto import parse_discarding_unknown
 
 ADMISSION_PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
 SERVICE_URL_ENV = "CIPD_SERVICE_URL"
@@ -274,13 +275,7 @@ def _read_config(path: str, allow_missing: bool) -> ClientConfig | None:
         raise ConfigError(f"cannot parse CIPD config file {path}:{line}:{column}: not UTF-8 text") from None
     config = ClientConfig()
     try:
-        text_format.Parse(
-            _blank_extensions(text),
-            config,
-            allow_unknown_extension=True,
-            allow_field_number=True,
-            allow_unknown_field=True,
-        )
+        parse_discarding_unknown(text, config)
     except text_format.ParseError as exc:
         raise ConfigError(f"cannot parse CIPD config file {path}:{_parse_error_text(exc)}") from None
     except (ValueError, RecursionError) as exc:  # what some protobuf versions raise for odd input
@@ -297,98 +292,3 @@ def _parse_error_text(exc: text_format.ParseError) -> str:
     prefix = f"{line}:{column} : "
     message = text[len(prefix) :] if text.startswith(prefix) else text
     return f"{line}:{column}: {message}"
-
-
-# Tokens of the protobuf text format, enough to find extension fields.
-_TOKEN = re.compile(
-    r"""(?P<space>\s+|\#[^\n]*)"""
-    r"""|(?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')"""
-    r"""|(?P<word>[\w.+\-/]+)"""
-    r"""|(?P<punct>.)""",
-    re.DOTALL,
-)
-_OPEN = {"{": "}", "<": ">", "[": "]"}
-
-
-def _blank_extensions(text: str) -> str:
-    """``text`` with every extension field (``[a.b]: ...``) blanked out.
-
-    The Go client discards extensions it does not know, but Python's parser
-    rejects any extension on a message that declares none (ours cannot: it is
-    proto3). Blanking with spaces keeps every line and column, so parse
-    errors still point at the right place. Unusual input is returned as is,
-    for the parser to report.
-    """
-    tokens = [m for m in _TOKEN.finditer(text) if m.lastgroup != "space"]
-    spans: list[tuple[int, int]] = []
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if token.group() == "[" and _is_field_name(tokens, index):
-            end = _skip_field(tokens, index)
-            if end is None:
-                return text
-            spans.append((token.start(), tokens[end - 1].end()))
-            index = end
-        else:
-            index += 1
-    if not spans:
-        return text
-    pieces, position = [], 0
-    for start, end in spans:
-        pieces.append(text[position:start])
-        pieces.append(re.sub(r"[^\n]", " ", text[start:end]))
-        position = end
-    pieces.append(text[position:])
-    return "".join(pieces)
-
-
-def _is_field_name(tokens: list[re.Match[str]], index: int) -> bool:
-    """Whether the ``[`` at ``index`` opens a field name rather than a list."""
-    if index == 0:
-        return True
-    previous = tokens[index - 1]
-    if previous.group() == ":":
-        return False
-    if previous.lastgroup != "word":
-        return True  # after a brace, a separator, or a string value
-    # After a word: a value (``a: 1 [x.y]: 2``) ends a field; a field name
-    # is followed by a list of messages (``a [{...}, {...}]``).
-    return index >= 2 and tokens[index - 2].group() == ":"
-
-
-def _skip_field(tokens: list[re.Match[str]], index: int) -> int | None:
-    """The index after the extension field starting at ``index``; None if malformed."""
-    end = _skip_balanced(tokens, index)  # the name, [a.b] or [type.url/a.b]
-    if end is None or end >= len(tokens):
-        return None
-    if tokens[end].group() == ":":
-        end += 1
-    if end >= len(tokens):
-        return None
-    if tokens[end].group() in _OPEN:
-        end = _skip_balanced(tokens, end)
-    elif tokens[end].lastgroup == "string":
-        while end < len(tokens) and tokens[end].lastgroup == "string":
-            end += 1
-    elif tokens[end].lastgroup == "word":
-        end += 1
-    else:
-        return None
-    if end is not None and end < len(tokens) and tokens[end].group() in (",", ";"):
-        end += 1
-    return end
-
-
-def _skip_balanced(tokens: list[re.Match[str]], index: int) -> int | None:
-    """The index after the bracket opened at ``index`` is closed; None if never."""
-    stack: list[str] = []
-    for position in range(index, len(tokens)):
-        value = tokens[position].group()
-        if value in _OPEN:
-            stack.append(_OPEN[value])
-        elif stack and value == stack[-1]:
-            stack.pop()
-            if not stack:
-                return position + 1
-    return None
