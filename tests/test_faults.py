@@ -476,7 +476,8 @@ def test_output_flood_after_the_plugin_exits(make_host: HostFactory, tmp_path: P
         error = plugin.check_admission(pin(2)).exception(timeout=30)
         assert isinstance(error, PluginAbortedError)
         assert "exited with code 7" in error.message
-        assert counter.count("keeps writing to its output") == 1
+        # Said at most once (the flooder may not have written just as the plugin left).
+        assert counter.count("keeps writing to its output") <= 1
         assert psutil.Process(flooder).is_running()
         # The plugin is gone: close() need not wait for it, only end the flooder.
         assert timed(host.close) < CLOSE_MARGIN
