@@ -319,6 +319,7 @@ class PrpcRepository:
 
     Raises:
         ConfigError: ``service_url`` or ``proxy_url`` is malformed.
+        ValueError: ``timeout`` is not a positive number of seconds.
     """
 
     def __init__(
@@ -333,6 +334,8 @@ class PrpcRepository:
     ) -> None:
         from cipdplugin import __version__  # here: the package imports this module
 
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.service_url = normalise_service_url(service_url, "service_url")
         self.proxy_url = proxy_url
         self.timeout = timeout

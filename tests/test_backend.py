@@ -18,6 +18,7 @@ from cipdplugin import (
     AdmissionError,
     ClientOptions,
     Config,
+    ConfigError,
     Host,
     InstanceMetadata,
     ListMetadataRequest,
@@ -131,6 +132,16 @@ def test_from_options_uses_the_url_and_proxy(tmp_path: Path) -> None:
         f"unix://{tmp_path}/proxy.sock",
         False,
     )
+
+
+def test_constructor_checks_its_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="service_url"):
+        PrpcRepository("https://cipd.example.com/prpc")
+    with pytest.raises(ConfigError, match="proxy_url"):
+        PrpcRepository("https://cipd.example.com", proxy_url="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="timeout"):
+        PrpcRepository("https://cipd.example.com", timeout=0)
+    assert PrpcRepository("HTTPS://cipd.example.com/").service_url == "https://cipd.example.com"
 
 
 # -- Errors and retries ------------------------------------------------------------
