@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+import grpc
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -22,7 +24,9 @@ from google.rpc.status_pb2 import Status
 
 from cipdplugin import protocol
 from cipdplugin.host.admission import admission_id
-from cipdplugin.protocol import cipd_pb2, plugin_pb2, plugin_pb2_grpc
+from cipdplugin.plugins import admission
+from cipdplugin.plugins.logs import HostLogHandler
+from cipdplugin.protocol import cipd_pb2, plugin_pb2
 
 # ObjectRef(hash_algo=SHA256, hex_digest="abcd"): 08 02 | 12 04 "abcd".
 OBJECT_REF_SHA256 = b"\x08\x02\x12\x04abcd"
@@ -295,13 +299,8 @@ def test_service_descriptors() -> None:
         assert not any(m.client_streaming for m in service.methods)
 
 
-def _untyped(function: Any) -> Callable[..., Any]:
-    """The generated gRPC module has no type hints; call it as what it is."""
-    return cast("Callable[..., Any]", function)
-
-
 class RecordingChannel:
-    """Stands in for a grpc.Channel: records what each stub method is built with."""
+    """Stands in for a grpc.Channel: records what each call is built with."""
 
     def __init__(self) -> None:
         self.calls: dict[str, tuple[str, Callable[..., Any], Callable[..., Any]]] = {}
@@ -321,15 +320,28 @@ class RecordingChannel:
         return self._record("unary_stream", method, request_serializer, response_deserializer)
 
 
-def test_stub_method_paths() -> None:
+def test_method_paths_are_the_service_descriptors() -> None:
+    paths = {
+        f"/{service.full_name}/{method.name}"
+        for service in plugin_pb2.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    constants = {
+        protocol.HOST_LOG,
+        protocol.HOST_LIST_METADATA,
+        protocol.ADMISSIONS_LIST,
+        protocol.ADMISSIONS_RESOLVE,
+    }
+    assert paths == constants
+
+
+def test_the_plugin_sdk_calls_the_spec_methods() -> None:
+    # The SDK builds its calls from the paths of cipdplugin.protocol, with
+    # explicit serializers: check each against the service descriptors.
     channel = RecordingChannel()
-    host = _untyped(plugin_pb2_grpc.HostStub)(channel)
-    admissions = _untyped(plugin_pb2_grpc.AdmissionsStub)(channel)
-    assert (host.Log, host.ListMetadata) == ("/cipd.plugin.Host/Log", "/cipd.plugin.Host/ListMetadata")
-    assert (admissions.ListAdmissions, admissions.ResolveAdmission) == (
-        "/cipd.plugin.Admissions/ListAdmissions",
-        "/cipd.plugin.Admissions/ResolveAdmission",
-    )
+    sdk_channel = cast("grpc.Channel", channel)
+    admission._Server(sdk_channel, threading.Event(), lambda request, info: None, max_workers=1)
+    HostLogHandler(sdk_channel)
     kinds = {path: kind for path, (kind, _, _) in channel.calls.items()}
     assert kinds == {
         "/cipd.plugin.Host/Log": "unary_unary",
@@ -337,11 +349,19 @@ def test_stub_method_paths() -> None:
         "/cipd.plugin.Admissions/ListAdmissions": "unary_stream",
         "/cipd.plugin.Admissions/ResolveAdmission": "unary_unary",
     }
-    # Each path decodes its answers as the response message of the spec.
     for service, methods in SERVICES.items():
-        for name, (_, output, _) in methods.items():
-            deserialize = channel.calls[f"/{service}/{name}"][2]
-            assert deserialize(b"").DESCRIPTOR.full_name == output
+        for name, (request_type, response_type, _) in methods.items():
+            _, serialize, deserialize = channel.calls[f"/{service}/{name}"]
+            assert deserialize(b"").DESCRIPTOR.full_name == response_type
+            request_class = _message_class(request_type)
+            assert serialize(request_class()) == b""
+
+
+def _message_class(full_name: str) -> type[Message]:
+    package, _, name = full_name.rpartition(".")
+    module = {"cipd": cipd_pb2, "cipd.plugin": plugin_pb2}[package]
+    cls: type[Message] = getattr(module, name)
+    return cls
 
 
 def test_protocol_constants() -> None:
@@ -351,29 +371,6 @@ def test_protocol_constants() -> None:
     assert protocol.ADMISSIONS_RESOLVE == "/cipd.plugin.Admissions/ResolveAdmission"
     assert protocol.PROTOCOL_VERSION == 1
     assert protocol.TICKET_METADATA_KEY == "x-plugin-ticket"
-
-
-class RecordingServer:
-    """Stands in for a grpc.Server: records the handlers a servicer registers."""
-
-    def __init__(self) -> None:
-        self.registered: dict[str, dict[str, Any]] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.registered[service] = handlers
-
-
-def test_servicers_register_under_the_spec_names() -> None:
-    server = RecordingServer()
-    _untyped(plugin_pb2_grpc.add_HostServicer_to_server)(plugin_pb2_grpc.HostServicer(), server)
-    _untyped(plugin_pb2_grpc.add_AdmissionsServicer_to_server)(plugin_pb2_grpc.AdmissionsServicer(), server)
-    assert set(server.registered) == set(SERVICES)
-    for service, handlers in server.registered.items():
-        streaming = {name: handler.response_streaming for name, handler in handlers.items()}
-        assert streaming == {name: spec[2] for name, spec in SERVICES[service].items()}
 
 
 # Admission(service_url="https://x", package="p/q", instance=SHA1 "abcd"), no ID.
