@@ -1,18 +1,32 @@
 # Every target runs inside .venv, which `make venv` creates from nothing.
+# Interpreters come from variables, so a machine without pyenv passes its own:
+#   make test PYTHON=/usr/bin/python3.12
+#   make test-matrix PYTHON_OLDEST=/opt/py310/bin/python3 PYTHON_NEWEST=/opt/py313/bin/python3
 PYTHON ?= python3
+# The oldest and newest supported Python: pyenv's newest patch release of each
+# when pyenv has one, else whatever answers to the name on PATH.
+PYENV_VERSIONS := $(shell pyenv root 2>/dev/null)/versions
+PYTHON_OLDEST ?= $(or $(lastword $(sort $(wildcard $(PYENV_VERSIONS)/3.10.*/bin/python3.10))),python3.10)
+PYTHON_NEWEST ?= $(or $(lastword $(sort $(wildcard $(PYENV_VERSIONS)/3.13.*/bin/python3.13))),python3.13)
 VENV := .venv
 BIN := $(VENV)/bin
+# The package and its runtime dependencies only: enough for the demo.
+RUNTIME_STAMP := $(VENV)/.runtime
+# Plus the development tools (the dev extra): tests, lint, protoc, build.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos lint test demo bench soak clean
+.PHONY: venv protos lint test test-matrix demo bench bench-startup soak clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(STAMP): $(RUNTIME_STAMP) setup.cfg
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
 
 protos: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py
@@ -25,14 +39,23 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+# The suite from the sdist on the oldest Python with every dependency at its
+# floor, and on the newest Python with the newest releases.
+test-matrix: $(STAMP)
+	$(BIN)/python scripts/test_matrix.py --oldest '$(PYTHON_OLDEST)' --newest '$(PYTHON_NEWEST)'
+
+demo: $(RUNTIME_STAMP)
 	$(BIN)/python examples/deploy.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
+# Only the SDK's import time and the first verdict, beside their floors.
+bench-startup: $(STAMP)
+	$(BIN)/python benchmarks/run.py --sections startup
+
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .matrix build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
