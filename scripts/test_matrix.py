@@ -79,12 +79,16 @@ def build(work: Path) -> tuple[Path, Path]:
     """Build the sdist, then the wheel from it; return (sdist, wheel)."""
     dist = work / "dist"
     shutil.rmtree(dist, ignore_errors=True)
-    subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(dist), str(REPO_ROOT)],
-        check=True,
-        stdout=subprocess.DEVNULL,
+        check=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         timeout=STEP_TIMEOUT,
     )
+    if result.returncode != 0:
+        raise SystemExit(f"building the distributions failed:\n{result.stdout}")
     (sdist,) = dist.glob("*.tar.gz")
     (wheel,) = dist.glob("*.whl")
     return sdist, wheel

@@ -95,9 +95,9 @@ def test_denied_exits_1_with_the_reason() -> None:
     ]
 
 
-def test_failed_check_exits_2_even_with_denials() -> None:
+def test_failed_check_exits_3_even_with_denials() -> None:
     result = check("admit", ADMITTED_PIN, ERROR_PIN, DENIED_PIN)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 3, result.stderr
     assert result.stdout.splitlines() == [
         f"admitted  {ADMITTED_PIN}",
         f"error     {ERROR_PIN}: PERMISSION_DENIED: no access",
@@ -108,7 +108,7 @@ def test_failed_check_exits_2_even_with_denials() -> None:
 def test_json_report_schema() -> None:
     bad_package = f"Bad/Name:{hex_id(4)}"
     result = check("admit", "--json", DENIED_PIN, ADMITTED_PIN, ERROR_PIN, bad_package, "no-colon")
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 3, result.stderr
     data = report(result)
     assert set(data) == {"pins", "totals"}
     assert data["totals"] == {"admitted": 1, "denied": 1, "error": 3}
@@ -224,7 +224,7 @@ def test_missing_plugin_is_a_usage_error(env: dict[str, str]) -> None:
 
 def test_plugin_that_does_not_exist_fails_every_check() -> None:
     result = run_cli("check", "--json", "--plugin", '["/nonexistent/plugin"]', ADMITTED_PIN, DENIED_PIN)
-    assert result.returncode == 2
+    assert result.returncode == 3
     data = report(result)
     assert verdicts(result) == [("error", "UNAVAILABLE")] * 2
     assert all("/nonexistent/plugin" in entry["message"] for entry in data["pins"])
@@ -233,7 +233,7 @@ def test_plugin_that_does_not_exist_fails_every_check() -> None:
 def test_plugin_crashing_midway_fails_the_remaining_pins() -> None:
     pins = [f"ok/tool{n}:{hex_id(n)}" for n in range(6)]
     result = check("crash-on-second", "--json", *pins)
-    assert result.returncode == 2
+    assert result.returncode == 3
     data = report(result)
     assert [entry["pin"] for entry in data["pins"]] == pins
     # Which checks got in before the crash is up to the plugin's threads.
@@ -243,9 +243,28 @@ def test_plugin_crashing_midway_fails_the_remaining_pins() -> None:
 
 def test_timeout_reports_unanswered_pins_and_stops_the_plugin() -> None:
     result = check("stuck-handler", "--timeout", "0.5", "--json", ADMITTED_PIN, DENIED_PIN)
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert verdicts(result) == [("error", "DEADLINE_EXCEEDED")] * 2
     assert "0.5 s" in report(result)["pins"][0]["message"]
+
+
+def test_connect_timeout_fails_every_check_of_a_plugin_that_never_connects() -> None:
+    # The run's own timeout is far away: only --connect-timeout can end it.
+    result = check(
+        "never-connect", "--connect-timeout", "1", "--timeout", "120", "--json", ADMITTED_PIN, DENIED_PIN
+    )
+    assert result.returncode == 3, result.stderr
+    codes = {code for verdict, code in verdicts(result) if verdict == "error"}
+    assert len(verdicts(result)) == 2
+    assert codes and codes <= {"DEADLINE_EXCEEDED", "UNAVAILABLE"}
+    assert all("connect" in entry["message"] for entry in report(result)["pins"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+def test_connect_timeout_must_be_positive_seconds(value: str) -> None:
+    result = check("admit", "--connect-timeout", value, ADMITTED_PIN)
+    assert result.returncode == 2
+    assert "--connect-timeout" in result.stderr
 
 
 # -- Pins ----------------------------------------------------------------------
@@ -282,7 +301,7 @@ def test_invalid_pins_are_reported_individually_and_not_checked() -> None:
         }
     )
     result = check("admit", "UPPER:" + hex_id(6), ADMITTED_PIN, "a:b:c", "--pins-json", "-", stdin=stdin)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 3, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 5
     assert lines[0].startswith(f"error     UPPER:{hex_id(6)}: INVALID_ARGUMENT: invalid package name 'UPPER'")
@@ -296,7 +315,7 @@ def test_invalid_pins_are_reported_individually_and_not_checked() -> None:
 
 def test_only_invalid_pins_still_report_without_a_plugin_run() -> None:
     result = run_cli("check", "--plugin", '["/nonexistent/plugin"]', "--json", "bad")
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert verdicts(result) == [("error", "INVALID_ARGUMENT")]
 
 
@@ -380,7 +399,7 @@ def test_without_metadata_file_an_unreachable_backend_fails_the_check() -> None:
     result = check(
         "metadata", "--json", "--timeout", "4", ADMITTED_PIN, env={"CIPD_SERVICE_URL": "http://127.0.0.1:9"}
     )
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert verdicts(result) == [("error", "UNAVAILABLE")]
     assert "cannot reach http://127.0.0.1:9" in report(result)["pins"][0]["message"]
 
@@ -416,6 +435,23 @@ def test_verbosity_controls_plugin_logs_on_stderr_only(
         assert text in result.stderr
     for text in hidden:
         assert text not in result.stderr
+
+
+def test_verbose_says_it_waits_for_the_plugin_to_connect() -> None:
+    quiet = check("admit", ADMITTED_PIN)
+    verbose = check("admit", "-v", ADMITTED_PIN)
+    assert (quiet.returncode, verbose.returncode) == (0, 0)
+    assert "waiting for the plugin to connect" in verbose.stderr
+    assert "waiting for the plugin to connect" not in quiet.stderr
+    assert verbose.stdout == quiet.stdout == f"admitted  {ADMITTED_PIN}\n"
+
+
+def test_help_documents_the_exit_codes_and_options() -> None:
+    result = run_cli("check", "--help")
+    assert result.returncode == 0
+    assert "--connect-timeout SECONDS" in result.stdout
+    assert "3  some check failed" in result.stdout
+    assert "2  usage error" in result.stdout
 
 
 def _read_terminal(master: int) -> str:

@@ -227,7 +227,15 @@ def _field_type(field: FieldDescriptor) -> str:
         name = field.enum_type.full_name
     else:
         name = _SCALAR_NAMES.get(field.type, f"type {field.type}")
-    return f"repeated {name}" if field.is_repeated else name
+    return f"repeated {name}" if _is_repeated(field) else name
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf 7 has only is_repeated; 4.25 has only label.
+    is_repeated = getattr(field, "is_repeated", None)
+    if is_repeated is None:
+        return bool(getattr(field, "label") == FieldDescriptor.LABEL_REPEATED)  # noqa: B009
+    return bool(is_repeated)
 
 
 def _schema_of(descriptor: Descriptor) -> dict[str, tuple[int, str]]:

@@ -53,12 +53,15 @@ from cipdplugin.cli.report import (
     json_report,
 )
 from cipdplugin.cli.sources import add_source_options, resolve_sources
+from cipdplugin.host.admission import DEFAULT_CONNECT_TIMEOUT
 
 #: Default limit, in seconds, for the whole run.
 DEFAULT_TIMEOUT = 300.0
 #: Longest accepted limit: waits longer than the platform's timers can hold
 #: would overflow (``threading.TIMEOUT_MAX``).
 MAX_TIMEOUT = 365 * 24 * 3600.0
+#: Where the command's own progress is logged (under the "cipdplugin" logger shown on stderr).
+_logger = logging.getLogger(__name__)
 #: Longer pin lists get a progress indicator when stderr is a terminal.
 PROGRESS_THRESHOLD = 20
 #: How often the progress indicator is refreshed, in seconds.
@@ -118,14 +121,16 @@ metadata:
 
 logging (stderr only):
   by default only warnings and errors (including the plugin's own stderr
-  output); -v adds the plugin's info logs, -vv debug logs; -q shows nothing.
+  output); -v adds the plugin's info logs and the host's progress ("waiting
+  for the plugin to connect"), -vv debug logs; -q shows nothing.
   A progress indicator appears on stderr when it is a terminal and more than
   {PROGRESS_THRESHOLD} pins are checked.
 
 exit status:
   0  every pin was admitted
   1  some pins were denied, and no check failed
-  2  usage error (bad arguments or input files), or some check failed
+  2  usage error (bad arguments or input files): nothing was checked
+  3  some check failed (an "error" line), whatever the other verdicts
 
 example:
   cipdplugin check \\
@@ -214,6 +219,7 @@ def check_pins(
     config: Config,
     *,
     timeout: float,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     progress: Progress | None = None,
     stop_signals: StopSignals | None = None,
 ) -> list[Verdict]:
@@ -221,10 +227,11 @@ def check_pins(
 
     Every check is submitted at once. Checks unresolved ``timeout`` seconds
     after the start become DEADLINE_EXCEEDED errors; the plugin is then
-    terminated, which takes at most a few more seconds. Never raises for a
-    plugin's failure: that becomes error verdicts. With ``stop_signals``,
-    signals cannot interrupt the closing host; one that arrived meanwhile is
-    raised once it is closed.
+    terminated, which takes at most a few more seconds. A plugin that has not
+    connected ``connect_timeout`` seconds after its launch fails every check.
+    Never raises for a plugin's failure: that becomes error verdicts. With
+    ``stop_signals``, signals cannot interrupt the closing host; one that
+    arrived meanwhile is raised once it is closed.
     """
     deadline = time.monotonic() + timeout
     valid = [request.pin for request in requests if request.pin is not None]
@@ -234,10 +241,14 @@ def check_pins(
         if valid:
             # Room for every check, so that submitting never blocks on a slow
             # plugin and the deadline alone bounds the run.
-            plugin = host.new_admission_plugin(cmdline, max_pending=len(valid))
+            plugin = host.new_admission_plugin(
+                cmdline, connect_timeout=connect_timeout, max_pending=len(valid)
+            )
             for index, request in enumerate(requests):
                 if request.pin is not None:
                     futures[index] = plugin.check_admission(request.pin)
+            # The first check launched it; the host logs (at debug) when it connects.
+            _logger.info("waiting for the plugin to connect (up to %g s)", connect_timeout)
             _wait_all([f for f in futures if f is not None], deadline, progress)
         # Before the host closes: closing fails whatever is still pending.
         return [_verdict(request, future, timeout) for request, future in zip(requests, futures, strict=True)]
@@ -374,6 +385,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="SECONDS",
         help="limit for the whole run; later answers are errors (default: %(default)g)",
     )
+    check.add_argument(
+        "--connect-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long the plugin may take to start and connect; then every check fails "
+        "(default: %(default)g)",
+    )
     noise = check.add_mutually_exclusive_group()
     noise.add_argument(
         "-v", "--verbose", action="count", default=0, help="show plugin logs on stderr (-vv: debug too)"
@@ -437,7 +456,13 @@ def run_check(
         sources.log_origins()
         with sources:
             verdicts = check_pins(
-                requests, cmdline, config, timeout=args.timeout, progress=progress, stop_signals=stop_signals
+                requests,
+                cmdline,
+                config,
+                timeout=args.timeout,
+                connect_timeout=args.connect_timeout,
+                progress=progress,
+                stop_signals=stop_signals,
             )
     if args.json:
         stdout.write(json.dumps(json_report(verdicts), indent=2) + "\n")

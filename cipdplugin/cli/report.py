@@ -13,7 +13,10 @@ from cipdplugin.cli.inputs import PinRequest
 
 EXIT_ADMITTED = 0
 EXIT_DENIED = 1
+#: A usage or configuration error: nothing was checked.
 EXIT_ERROR = 2
+#: Some check failed (invalid pin, plugin missing or crashed, timeout, ...).
+EXIT_CHECK_FAILED = 3
 
 ADMITTED = "admitted"
 DENIED = "denied"
@@ -52,10 +55,10 @@ class Verdict:
 
 
 def exit_status(verdicts: Sequence[Verdict]) -> int:
-    """0 if all admitted, 2 if any check failed, else 1 (some denied)."""
+    """0 if all admitted, 3 if any check failed, else 1 (some denied)."""
     outcomes = {verdict.verdict for verdict in verdicts}
     if ERROR in outcomes:
-        return EXIT_ERROR
+        return EXIT_CHECK_FAILED
     if DENIED in outcomes:
         return EXIT_DENIED
     return EXIT_ADMITTED

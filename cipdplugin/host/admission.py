@@ -26,6 +26,7 @@ from cipdplugin.errors import (
     PluginStartError,
 )
 from cipdplugin.host.process import termination_span
+from cipdplugin.host.requests import method_handler
 from cipdplugin.pins import Pin
 from cipdplugin.protocol import PROTOCOL_VERSION, plugin_pb2
 
@@ -388,15 +389,17 @@ class AdmissionsService:
         return grpc.method_handlers_generic_handler(
             "cipd.plugin.Admissions",
             {
-                "ListAdmissions": grpc.unary_stream_rpc_method_handler(
+                "ListAdmissions": method_handler(
+                    grpc.unary_stream_rpc_method_handler,
                     self.list_admissions,
-                    request_deserializer=plugin_pb2.ListAdmissionsRequest.FromString,
-                    response_serializer=plugin_pb2.Admission.SerializeToString,
+                    plugin_pb2.ListAdmissionsRequest,
+                    plugin_pb2.Admission,
                 ),
-                "ResolveAdmission": grpc.unary_unary_rpc_method_handler(
+                "ResolveAdmission": method_handler(
+                    grpc.unary_unary_rpc_method_handler,
                     self.resolve_admission,
-                    request_deserializer=plugin_pb2.ResolveAdmissionRequest.FromString,
-                    response_serializer=Empty.SerializeToString,
+                    plugin_pb2.ResolveAdmissionRequest,
+                    Empty,
                 ),
             },
         )

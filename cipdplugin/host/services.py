@@ -11,6 +11,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from cipdplugin.config import Config
 from cipdplugin.errors import AdmissionError
+from cipdplugin.host.requests import method_handler
 from cipdplugin.host.server import PluginServer
 from cipdplugin.protocol import cipd_pb2, plugin_pb2
 
@@ -37,15 +38,14 @@ class HostService:
         return grpc.method_handlers_generic_handler(
             "cipd.plugin.Host",
             {
-                "Log": grpc.unary_unary_rpc_method_handler(
-                    self.log,
-                    request_deserializer=plugin_pb2.LogRequest.FromString,
-                    response_serializer=Empty.SerializeToString,
+                "Log": method_handler(
+                    grpc.unary_unary_rpc_method_handler, self.log, plugin_pb2.LogRequest, Empty
                 ),
-                "ListMetadata": grpc.unary_unary_rpc_method_handler(
+                "ListMetadata": method_handler(
+                    grpc.unary_unary_rpc_method_handler,
                     self.list_metadata,
-                    request_deserializer=plugin_pb2.ListMetadataRequest.FromString,
-                    response_serializer=plugin_pb2.ListMetadataResponse.SerializeToString,
+                    plugin_pb2.ListMetadataRequest,
+                    plugin_pb2.ListMetadataResponse,
                 ),
             },
         )
