@@ -49,6 +49,7 @@ import psutil
 
 from benchmarks.bare import cpu_seconds
 from benchmarks.bare import run_burst as bare_burst
+from benchmarks.startup import FLOOR_IMPORT, SDK_IMPORT, FirstVerdictHost, StartupError, import_seconds
 from cipdplugin import Config, Host, Pin
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -65,12 +66,15 @@ PYTHON_ONLY_COMMAND = [sys.executable, "-c", "import os; os.write(1, b'.')"]
 WAIT_LIMIT = 300.0
 #: Bare-gRPC peers measured: answering inline, and from a small thread pool.
 BARE_VARIANTS = {"inline": 0, "pool-4": 4}
-SECTIONS = ("throughput", "cold-start", "shutdown", "memory", "process-per-pin")
+SECTIONS = ("startup", "throughput", "cold-start", "shutdown", "memory", "process-per-pin")
 
 # The targets, as ratios or bounds within one run.
 TARGET_THROUGHPUT_RATIO = 0.7
 TARGET_PROCESS_PER_PIN_SPEEDUP = 100.0
 TARGET_COLD_START_OVER_FLOOR = 0.050
+#: The SDK's import, and a Python plugin's first verdict, over a bare grpcio plugin's.
+TARGET_SDK_IMPORT_OVER_FLOOR = 0.015
+TARGET_FIRST_VERDICT_OVER_BARE = 0.020
 TARGET_COOPERATIVE_SHUTDOWN = 0.100
 #: The stubborn plugin is killed at the 5 s deadline; close() may take this
 #: much longer (the spec's "small constant": reaping, stopping the server).
@@ -102,6 +106,7 @@ class Settings:
     memory_checks: int
     traced_checks: int  # checks of the tracemalloc part of the memory measurement
     process_per_pin: int  # pins run one process each
+    startup_repeat: int
 
     def repeats_for(self, size: int) -> int:
         return self.repeat_large if size in self.large_sizes else self.repeat
@@ -321,6 +326,41 @@ def measure_cold_start(settings: Settings, results: Results) -> None:
         )
 
 
+# -- Start-up of a Python plugin ---------------------------------------------------
+
+
+def measure_startup(settings: Settings, results: Results) -> None:
+    host = FirstVerdictHost()
+    try:
+        # One untimed round first: the files are then in the page cache.
+        for kind in ("sdk", "bare"):
+            host.first_verdict(kind)
+        for repetition in range(settings.startup_repeat):
+            # Each figure right beside its floor, alternating which goes first.
+            order = (0, 1) if repetition % 2 == 0 else (1, 0)
+            imports = [0.0, 0.0]
+            verdicts = [0.0, 0.0]
+            for index in order:
+                imports[index] = import_seconds((SDK_IMPORT, FLOOR_IMPORT)[index])
+            for index in order:
+                verdicts[index] = host.first_verdict(("sdk", "bare")[index])
+            results.get("startup.import.sdk", "s").add(imports[0])
+            results.get("startup.import.floor", "s").add(imports[1])
+            results.get("startup.import.sdk_over_floor", "s").add(imports[0] - imports[1])
+            results.get("startup.first_verdict.sdk", "s").add(verdicts[0])
+            results.get("startup.first_verdict.bare", "s").add(verdicts[1])
+            results.get("startup.first_verdict.sdk_over_bare", "s").add(verdicts[0] - verdicts[1])
+            log(
+                f"  startup rep {repetition + 1}: import {imports[0] * 1e3:.0f} ms (floor "
+                f"{imports[1] * 1e3:.0f} ms), first verdict {verdicts[0] * 1e3:.0f} ms "
+                f"(bare {verdicts[1] * 1e3:.0f} ms)"
+            )
+    except StartupError as exc:
+        raise BenchmarkError(str(exc)) from None
+    finally:
+        host.close()
+
+
 # -- Shutdown ----------------------------------------------------------------------
 
 
@@ -463,6 +503,32 @@ def judge(settings: Settings, results: Results) -> None:
                 TARGET_PROCESS_PER_PIN_SPEEDUP,
                 speedup >= TARGET_PROCESS_PER_PIN_SPEEDUP,
                 f"{per_pin * smallest:.1f} s extrapolated vs {library_seconds:.2f} s",
+            )
+        )
+    if results.has("startup.import.sdk_over_floor"):
+        m = results.measurements
+        over = m["startup.import.sdk_over_floor"].median
+        results.targets.append(
+            Target(
+                "SDK import over the floor (median of paired differences)",
+                "s",
+                over,
+                TARGET_SDK_IMPORT_OVER_FLOOR,
+                over <= TARGET_SDK_IMPORT_OVER_FLOOR,
+                f"SDK {m['startup.import.sdk'].median * 1e3:.0f} ms, "
+                f"floor {m['startup.import.floor'].median * 1e3:.0f} ms",
+            )
+        )
+        over = m["startup.first_verdict.sdk_over_bare"].median
+        results.targets.append(
+            Target(
+                "first verdict over a bare grpcio plugin (median of paired differences)",
+                "s",
+                over,
+                TARGET_FIRST_VERDICT_OVER_BARE,
+                over <= TARGET_FIRST_VERDICT_OVER_BARE,
+                f"SDK {m['startup.first_verdict.sdk'].median * 1e3:.0f} ms, "
+                f"bare {m['startup.first_verdict.bare'].median * 1e3:.0f} ms",
             )
         )
     if results.has("cold_start.first_check"):
@@ -661,6 +727,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             memory_checks=10_000,
             traced_checks=5_000,
             process_per_pin=10,
+            startup_repeat=max(repeat, 7),
         )
     repeat = args.repeat or 3
     return Settings(
@@ -675,6 +742,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         memory_checks=100_000,
         traced_checks=10_000,
         process_per_pin=200,
+        startup_repeat=max(repeat, 15),
     )
 
 
@@ -687,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_at_start"] = os.getloadavg()
     started = time.perf_counter()
     steps: dict[str, Callable[[Settings, Results], None]] = {
+        "startup": measure_startup,
         "cold-start": measure_cold_start,
         "shutdown": measure_shutdown,
         "process-per-pin": measure_process_per_pin,
