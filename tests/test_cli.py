@@ -451,7 +451,7 @@ def test_help_documents_the_exit_codes_and_options() -> None:
     assert result.returncode == 0
     assert "--connect-timeout SECONDS" in result.stdout
     assert "3  some check failed" in result.stdout
-    assert "2  usage error" in result.stdout
+    assert "2  usage or configuration error" in result.stdout
 
 
 def _read_terminal(master: int) -> str:

@@ -129,7 +129,8 @@ logging (stderr only):
 exit status:
   0  every pin was admitted
   1  some pins were denied, and no check failed
-  2  usage error (bad arguments or input files): nothing was checked
+  2  usage or configuration error (bad arguments, input files, CIPD_*
+     variables or config file): nothing was checked
   3  some check failed (an "error" line), whatever the other verdicts
 
 example:
