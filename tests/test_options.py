@@ -332,6 +332,8 @@ def test_empty_cmd_means_no_plugin(tmp_path: Path, text: str) -> None:
         "1 { 1 { 1: '/p'; 99: 3, } }",
         # Unknown field numbers and nested lists of messages.
         'plugins { 7: "x" admission { cmd: "/p" 5 { z: [1, -2.5, inf] } } } other: [{a: 1}, {b: "2"}]',
+        # Lists of messages without the colon, and inside an unknown message.
+        'extra [{a: 1}] plugins { admission { cmd: "/p" } } 9 { deep: [<b: 2>] }',
     ],
 )
 def test_unknown_fields_and_extensions_are_ignored(tmp_path: Path, text: str) -> None:
