@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 import grpc
 from google.protobuf.message import DecodeError
 
+from cipdplugin.deadline import Deadline
 from cipdplugin.errors import AdmissionError
 from cipdplugin.options import ClientOptions, normalise_service_url, proxy_socket_path
 from cipdplugin.protocol.cipd_pb2 import ListMetadataRequest, ListMetadataResponse
@@ -404,7 +405,7 @@ class PrpcRepository:
             AdmissionError: the backend's code and message, or a code and
                 message describing what went wrong on the way.
         """
-        deadline = time.monotonic() + self.timeout
+        deadline = Deadline(self.timeout)
         body = request.SerializeToString()
         retry = 0
         while True:
@@ -416,7 +417,7 @@ class PrpcRepository:
                 delay = self._backoff(retry)
                 # No retry that could not get an answer in time: the failure
                 # in hand says more than a DEADLINE_EXCEEDED would.
-                if not failure.transient or delay + _MIN_ATTEMPT >= deadline - time.monotonic():
+                if not failure.transient or delay + _MIN_ATTEMPT >= _seconds_left(deadline):
                     raise AdmissionError(failure.code, failure.message) from None
                 retry += 1
                 log.info(
@@ -433,19 +434,19 @@ class PrpcRepository:
         ceiling = min(self._max_backoff, self._initial_backoff * 2**retry)
         return random.uniform(ceiling / 2, ceiling)
 
-    def _headers(self, deadline: float) -> dict[str, str]:
+    def _headers(self, deadline: Deadline) -> dict[str, str]:
         headers = {
             "Host": self._host,
             "Content-Type": PRPC_BINARY,
             "Accept": PRPC_BINARY,
             "User-Agent": self._user_agent,
-            TIMEOUT_HEADER: encode_timeout(max(deadline - time.monotonic(), 0.0)),
+            TIMEOUT_HEADER: encode_timeout(_seconds_left(deadline)),
         }
         if self._tokens is not None:
             headers["Authorization"] = f"Bearer {self._tokens.get()}"
         return headers
 
-    def _attempt(self, body: bytes, deadline: float) -> ListMetadataResponse:
+    def _attempt(self, body: bytes, deadline: Deadline) -> ListMetadataResponse:
         if self._closed.is_set():
             raise _Failure(grpc.StatusCode.CANCELLED, "the repository was closed", transient=False)
         headers = self._headers(deadline)
@@ -489,9 +490,9 @@ class PrpcRepository:
         return self._decode(status, response_headers, payload)
 
     def _exchange(
-        self, connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str], deadline: float
+        self, connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str], deadline: Deadline
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        remaining = deadline - time.monotonic()
+        remaining = _seconds_left(deadline)
         if remaining <= 0:
             raise TimeoutError
         connection.timeout = remaining
@@ -591,3 +592,9 @@ def _error_text(payload: bytes) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _seconds_left(deadline: Deadline) -> float:
+    """What is left of a call's deadline; calls always have one (``timeout`` is positive)."""
+    left = deadline.remaining()
+    return 0.0 if left is None else left

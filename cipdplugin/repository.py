@@ -45,11 +45,11 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cipdplugin.constants import DEFAULT_PAGE_SIZE
 from cipdplugin.errors import AdmissionError, InvalidPinError
 from cipdplugin.pins import Pin, object_ref_to_instance_id
 from cipdplugin.protocol.cipd_pb2 import InstanceMetadata, ListMetadataRequest, ListMetadataResponse
 
-DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 #: The CIPD backend's limits on metadata keys and values.
 MAX_KEY_LENGTH = 400

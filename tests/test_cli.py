@@ -1,8 +1,11 @@
-"""``cipdplugin check``, driven through the real console script in a subprocess."""
+"""``cipdplugin check``: runs through the real console script in a subprocess;
+usage errors, which stop before any plugin runs, call ``main(argv)`` in-process."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import json
 import os
 import select
@@ -16,6 +19,7 @@ from typing import IO, Any
 import psutil
 import pytest
 
+from cipdplugin.cli import main
 from tests.conftest import REPO_ROOT, SHA256_ID, hex_id, plugin_cmd, wait_until
 
 PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
@@ -54,6 +58,37 @@ def run_cli(
 def check(mode: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``cipdplugin check`` with the test plugin in ``mode``."""
     return run_cli("check", "--plugin", json.dumps(plugin_cmd(mode)), *args, **kwargs)
+
+
+@dataclasses.dataclass
+class MainResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> MainResult:
+    """Call ``main(args)`` in this process, as ``run_cli`` runs the script."""
+    saved_environ, saved_stdin = dict(os.environ), sys.stdin
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for name in [name for name in os.environ if name.startswith("CIPD_")]:
+            del os.environ[name]
+        os.environ["CIPD_CONFIG_FILE"] = "-"
+        os.environ.update(env or {})
+        sys.stdin = io.StringIO(stdin)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        sys.stdin = saved_stdin
+        os.environ.clear()
+        os.environ.update(saved_environ)
+    return MainResult(code, out.getvalue(), err.getvalue())
+
+
+def check_main(mode: str, *args: str, **kwargs: Any) -> MainResult:
+    """``check`` with the test plugin in ``mode``, through ``run_main``."""
+    return run_main("check", "--plugin", json.dumps(plugin_cmd(mode)), *args, **kwargs)
 
 
 def report(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -201,14 +236,14 @@ def test_plugin_option_wins_over_environment_variable() -> None:
     ],
 )
 def test_invalid_plugin_option_is_a_usage_error(plugin: str, expected: str) -> None:
-    result = run_cli("check", "--plugin", plugin, ADMITTED_PIN)
+    result = run_main("check", "--plugin", plugin, ADMITTED_PIN)
     assert result.returncode == 2
     assert expected in result.stderr
     assert result.stdout == ""
 
 
 def test_invalid_environment_variable_is_a_usage_error() -> None:
-    result = run_cli("check", ADMITTED_PIN, env={PLUGIN_ENV: "[oops"})
+    result = run_main("check", ADMITTED_PIN, env={PLUGIN_ENV: "[oops"})
     assert result.returncode == 2
     assert f"${PLUGIN_ENV} is not valid JSON" in result.stderr
     assert result.stdout == ""
@@ -216,7 +251,7 @@ def test_invalid_environment_variable_is_a_usage_error() -> None:
 
 @pytest.mark.parametrize("env", [{}, {PLUGIN_ENV: ""}], ids=["unset", "empty"])
 def test_missing_plugin_is_a_usage_error(env: dict[str, str]) -> None:
-    result = run_cli("check", ADMITTED_PIN, env=env)
+    result = run_main("check", ADMITTED_PIN, env=env)
     assert result.returncode == 2
     assert "no plugin given" in result.stderr
     assert result.stdout == ""
@@ -339,7 +374,7 @@ def test_only_invalid_pins_still_report_without_a_plugin_run() -> None:
 def test_malformed_pins_file_is_a_usage_error(tmp_path: Path, content: str, expected: str) -> None:
     pins_file = tmp_path / "pins.json"
     pins_file.write_text(content, encoding="utf-8")
-    result = check("admit", ADMITTED_PIN, "--pins-json", str(pins_file))
+    result = check_main("admit", ADMITTED_PIN, "--pins-json", str(pins_file))
     assert result.returncode == 2
     assert f"pins file '{pins_file}'" in result.stderr
     assert expected in result.stderr
@@ -347,17 +382,17 @@ def test_malformed_pins_file_is_a_usage_error(tmp_path: Path, content: str, expe
 
 
 def test_missing_pins_file_is_a_usage_error(tmp_path: Path) -> None:
-    result = check("admit", "--pins-json", str(tmp_path / "absent.json"))
+    result = check_main("admit", "--pins-json", str(tmp_path / "absent.json"))
     assert result.returncode == 2
     assert "cannot read pins file" in result.stderr
     assert "No such file or directory" in result.stderr
 
 
 def test_no_pins_is_a_usage_error() -> None:
-    result = check("admit")
+    result = check_main("admit")
     assert result.returncode == 2
     assert "no pins to check" in result.stderr
-    empty = check("admit", "--pins-json", "-", stdin='{"result": {}}')
+    empty = check_main("admit", "--pins-json", "-", stdin='{"result": {}}')
     assert empty.returncode == 2
     assert "no pins to check" in empty.stderr
 
@@ -373,7 +408,7 @@ def test_no_pins_is_a_usage_error() -> None:
     ],
 )
 def test_bad_options_are_usage_errors(args: list[str], expected: str) -> None:
-    result = check("admit", *args, ADMITTED_PIN)
+    result = check_main("admit", *args, ADMITTED_PIN)
     assert result.returncode == 2
     assert expected in result.stderr
     assert result.stdout == ""
@@ -407,7 +442,7 @@ def test_without_metadata_file_an_unreachable_backend_fails_the_check() -> None:
 def test_malformed_metadata_file_is_a_usage_error(tmp_path: Path) -> None:
     metadata = tmp_path / "metadata.json"
     metadata.write_text('{"instances": {}}', encoding="utf-8")
-    result = check("metadata", "--metadata", str(metadata), ADMITTED_PIN)
+    result = check_main("metadata", "--metadata", str(metadata), ADMITTED_PIN)
     assert result.returncode == 2
     assert "expected an object with an 'instances' list" in result.stderr
     assert result.stdout == ""
@@ -508,7 +543,7 @@ def test_help_explains_usage_with_an_example() -> None:
 
 
 def test_no_subcommand_prints_help_and_exits_2() -> None:
-    result = run_cli()
+    result = run_main()
     assert result.returncode == 2
     assert "usage: cipdplugin" in result.stderr
     assert "check" in result.stderr
@@ -565,6 +600,7 @@ DEEP_JSON = "[" * 50_000 + "]" * 50_000
     ],
 )
 def test_hostile_inputs_are_usage_errors(tmp_path: Path, args: list[str], stdin: str, expected: str) -> None:
+    # In a subprocess: how deep JSON may nest depends on the stack already in use.
     deep_file = tmp_path / "deep.json"
     deep_file.write_text(DEEP_JSON)
     args = [str(deep_file) if arg == "DEEP_FILE" else arg for arg in args]
@@ -580,7 +616,7 @@ def test_hostile_inputs_are_usage_errors(tmp_path: Path, args: list[str], stdin:
 
 
 def test_deeply_nested_environment_variable_is_a_usage_error() -> None:
-    result = run_cli("check", ADMITTED_PIN, env={PLUGIN_ENV: DEEP_JSON})
+    result = run_main("check", ADMITTED_PIN, env={PLUGIN_ENV: DEEP_JSON})
     assert result.returncode == 2
     assert f"${PLUGIN_ENV} is nested too deeply" in result.stderr
     assert "Traceback" not in result.stderr

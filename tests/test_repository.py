@@ -34,9 +34,10 @@ from cipdplugin import (
     RepositoryFileError,
     StaticRepository,
 )
+from cipdplugin.constants import DEFAULT_PAGE_SIZE
 from cipdplugin.pins import instance_id_to_object_ref
 from cipdplugin.protocol.cipd_pb2 import HASH_ALGO_UNSPECIFIED
-from cipdplugin.repository import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, metadata_fingerprint
+from cipdplugin.repository import MAX_PAGE_SIZE, metadata_fingerprint
 
 SHA1_ID = "0123456789abcdef0123456789abcdef01234567"
 SHA256_ID = "q83vASNFZ4mrze8BI0VniavN7wEjRWeJq83vASNFZ4kC"

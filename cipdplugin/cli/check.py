@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from types import FrameType
@@ -53,7 +52,8 @@ from cipdplugin.cli.report import (
     json_report,
 )
 from cipdplugin.cli.sources import add_source_options, resolve_sources
-from cipdplugin.host.admission import DEFAULT_CONNECT_TIMEOUT
+from cipdplugin.constants import DEFAULT_CONNECT_TIMEOUT
+from cipdplugin.deadline import Deadline
 
 #: Default limit, in seconds, for the whole run.
 DEFAULT_TIMEOUT = 300.0
@@ -167,7 +167,7 @@ class Progress:
             self._shown = None
 
 
-def _wait_all(futures: Sequence[Future[None]], deadline: float, progress: Progress | None) -> None:
+def _wait_all(futures: Sequence[Future[None]], deadline: Deadline, progress: Progress | None) -> None:
     """Return when every future is done or at ``deadline``, refreshing ``progress``."""
     total = len(futures)
     # Guards ``finished``; the callbacks run on whichever thread resolves a future.
@@ -184,11 +184,8 @@ def _wait_all(futures: Sequence[Future[None]], deadline: float, progress: Progre
 
     for future in futures:
         future.add_done_callback(count)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        if all_done.wait(min(remaining, _PROGRESS_INTERVAL) if progress else remaining):
+    while not deadline.expired():
+        if all_done.wait(deadline.remaining_or(_PROGRESS_INTERVAL) if progress else deadline.remaining()):
             break
         if progress:
             progress.show(finished, total)
@@ -234,7 +231,7 @@ def check_pins(
     ``stop_signals``, signals cannot interrupt the closing host; one that
     arrived meanwhile is raised once it is closed.
     """
-    deadline = time.monotonic() + timeout
+    deadline = Deadline(timeout)
     valid = [request.pin for request in requests if request.pin is not None]
     futures: list[Future[None] | None] = [None] * len(requests)
     host = Host(config)

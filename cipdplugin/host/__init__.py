@@ -1,4 +1,4 @@
-"""The host side: the plugin server and tickets, plugin processes, admission plugins."""
+"""The host side: the transport (server, tickets, services), plugin processes, admission plugins."""
 
 from cipdplugin.host.admission import AdmissionFuture, AdmissionPlugin, PluginState
 from cipdplugin.host.host import Host, PluginController

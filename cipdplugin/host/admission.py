@@ -1,5 +1,10 @@
-"""Admission plugins, host side: promises, the bounded queue, and the
-``cipd.plugin.Admissions`` service that feeds them to the plugin process.
+"""Admission plugins, host side: promises, the bounded queue, and the state
+of one plugin's stream.
+
+Nothing here speaks gRPC: ``host/transport.py`` serves the Admissions
+service and calls the four methods of the stream's side (``on_connected``,
+``next_admissions``, ``on_disconnected``, ``resolve``), as the Go host's
+admissions server does.
 """
 
 from __future__ import annotations
@@ -8,58 +13,51 @@ import base64
 import enum
 import hashlib
 import os
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.empty_pb2 import Empty
+from google.rpc import status_pb2
 
+from cipdplugin.constants import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_PENDING,
+    EXIT_STATUS_WAIT,
+    LAUNCH_JOIN,
+    MAX_MESSAGE_BYTES,
+    REFUSAL_GRACE,
+)
+from cipdplugin.deadline import Deadline, checked_timeout
 from cipdplugin.errors import (
     AdmissionDenied,
     AdmissionError,
     PluginAbortedError,
     PluginStartError,
 )
-from cipdplugin.host.process import termination_span
-from cipdplugin.host.requests import method_handler
+from cipdplugin.host.process import FORKS, display_name, termination_span
 from cipdplugin.pins import Pin
 from cipdplugin.protocol import PROTOCOL_VERSION, plugin_pb2
 
 if TYPE_CHECKING:
     from cipdplugin.host.host import Host
     from cipdplugin.host.process import PluginProcess
-    from cipdplugin.host.server import PluginServer, PluginSession
 
-DEFAULT_CONNECT_TIMEOUT = 30.0
-DEFAULT_MAX_PENDING = 1024
-#: After the stream breaks, how long to wait for the exit status to report it.
-_EXIT_STATUS_WAIT = 1.0
-#: Bound on close() waiting for a launch in progress (Popen plus server start).
-_LAUNCH_JOIN = 2.0
 _OK = grpc.StatusCode.OK.value[0]
 _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+#: Below this many bytes of strings an Admission cannot reach MAX_MESSAGE_BYTES,
+#: so its size is not computed (the ID, digest and field tags stay under 1 KiB).
+_SIZE_CHECK_FLOOR = MAX_MESSAGE_BYTES - 1024
+_NO_DEADLINE = Deadline(None)
 
 
 class AdmissionFuture(Future[None]):
     """A shared admission promise: callers may wait on it but not cancel it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Memory: resolved promises stay cached by the hundred thousand, and
-        # the waiter deque that threading.Condition allocates up front (a
-        # 64-slot block, 760 bytes) is over a third of each. Condition only
-        # appends to, removes from, indexes, clears and measures it (CPython
-        # 3.10 to 3.14), which a list does as well for a promise's few waiters.
-        # Later versions keep the deque until someone has checked them.
-        condition: Any = self._condition
-        if sys.version_info < (3, 15) and type(getattr(condition, "_waiters", None)) is deque:
-            condition._waiters = []
 
     def cancel(self) -> bool:
         return False
@@ -76,6 +74,37 @@ class PluginState(enum.Enum):
 _ALIVE = (PluginState.NOT_STARTED, PluginState.STARTING, PluginState.CONNECTED)
 
 
+@dataclass(eq=False)
+class Check:
+    """One check from the moment it is queued until it is settled.
+
+    The place for whatever a check's life should record: it is created in
+    ``check_admission``, stamped in ``next_admissions`` when it is sent, and
+    dropped in ``resolve`` or the funnel, where its Future is settled.
+    """
+
+    __slots__ = ("admission", "future", "queued_at", "sent_at")
+    admission: plugin_pb2.Admission | None  # until sent
+    future: AdmissionFuture
+    queued_at: float  # time.monotonic() when queued
+    sent_at: float | None  # when handed to the stream, None until then
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """``on_connected``'s answer when the stream must not open.
+
+    ``final``: the plugin is refused for good (another protocol version); the
+    transport forgets its ticket and resolves ``answered`` once the answer has
+    left, and the plugin's launcher closes its stdin after that.
+    """
+
+    code: grpc.StatusCode
+    message: str
+    final: bool = False
+    answered: Future[None] = field(default_factory=Future, compare=False)
+
+
 def admission_id(admission: plugin_pb2.Admission, salt: bytes) -> str:
     """The ID of an admission: base64 (standard, unpadded) of SHA-256 over
     ``salt + b"\\n"`` and the deterministic serialization of the admission
@@ -89,11 +118,36 @@ def admission_id(admission: plugin_pb2.Admission, salt: bytes) -> str:
     return base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
+def _first_of(*signals: Future[Any], timeout: float | None) -> None:
+    """Wait until one of ``signals`` resolves, or ``timeout`` passes: a ``select``."""
+    wait(signals, timeout, FIRST_COMPLETED)
+
+
+def _settle(future: Future[None], error: BaseException | None) -> None:
+    """Resolve ``future`` unless something already did (exactly once, whoever is first)."""
+    try:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass
+
+
 class AdmissionPlugin:
     """One admission plugin subprocess, asked about pins through promises.
 
     Created by ``Host.new_admission_plugin``; nothing runs until the first
     ``check_admission``. Thread-safe.
+
+    Its life is told by Futures, each resolved in one place:
+
+    * ``_launched`` (the process, or the launch's error): by the launcher thread;
+    * ``_connected`` (the plugin's version string, or why it was refused):
+      by ``on_connected``, on the plugin's ListAdmissions call;
+    * the process's ``exited``: by the process's monitor thread;
+    * ``_ended`` (the error later checks get): by ``_reject_all``, the one
+      funnel every ending goes through.
     """
 
     def __init__(
@@ -104,31 +158,49 @@ class AdmissionPlugin:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
-        if connect_timeout <= 0:
-            raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
+        """See ``Host.new_admission_plugin``.
+
+        Raises:
+            TypeError: ``connect_timeout`` is not a number, or ``max_pending``
+                not an int.
+            ValueError: ``connect_timeout`` is not finite and positive, or
+                ``max_pending`` is below 1.
+        """
+        self._connect_timeout = checked_timeout(connect_timeout, "connect_timeout")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int):
+            raise TypeError(f"max_pending must be an int, got {max_pending!r}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending!r}")
         self._host = host
         self._cmdline = list(cmdline)
-        self._name = os.path.basename(self._cmdline[0])
-        self._connect_timeout = connect_timeout
+        self._name = display_name(self._cmdline)
         self._max_pending = max_pending
         self._salt = str(os.getpid()).encode()
+        self._url_bytes = len(host.service_url.encode())
         self._logger = host.logger
+        self._fork_generation = FORKS.generation
 
-        # One lock guards all fields below. Two conditions share it so that
-        # producers and the stream wake only each other's counterpart.
-        self._lock = threading.Lock()
+        self._launched: Future[PluginProcess] = Future()
+        self._connected: Future[str] = Future()
+        self._ended: Future[AdmissionError] = Future()
+        self._refusal: Refusal | None = None  # set once, before _connected fails with it
+
+        # One lock guards all fields below. Re-entrant: Host.close() may run in
+        # a signal handler that interrupted this thread inside the lock, and
+        # every update below is ordered so that such a close leaves nothing
+        # pending. Two conditions share it so that producers and the stream
+        # wake only each other's counterpart.
+        self._lock = threading.RLock()
         self._has_work = threading.Condition(self._lock)  # queue non-empty, or state changed
         self._has_room = threading.Condition(self._lock)  # queue has room, or state changed
         self._state = PluginState.NOT_STARTED
         self._failure: AdmissionError | None = None  # why, once BROKEN or CLOSED
         self._promises: dict[Pin, AdmissionFuture] = {}  # the cache, by pin
-        self._in_flight: dict[str, AdmissionFuture] = {}  # unresolved, by admission ID
-        self._queue: deque[plugin_pb2.Admission] = deque()  # not yet sent to the plugin
+        self._in_flight: dict[str, Check] = {}  # unsettled, by admission ID
+        self._queue: deque[Check] = deque()  # not yet sent to the plugin
         self._stream_claimed = False  # ListAdmissions was called once
         self._process: PluginProcess | None = None  # once launched
-        self._launcher: threading.Thread | None = None  # launches and awaits the connection
+        self._launcher_started = False  # the launcher thread was started
 
     @property
     def executable(self) -> str:
@@ -136,15 +208,25 @@ class AdmissionPlugin:
         return self._cmdline[0]
 
     @property
+    def name(self) -> str:
+        """The name messages and logs give the plugin (its script, under an interpreter)."""
+        return self._name
+
+    @property
     def state(self) -> PluginState:
         return self._state
+
+    @property
+    def process(self) -> PluginProcess | None:
+        """The plugin's process once launched, else None."""
+        return self._process
 
     def __repr__(self) -> str:
         return f"<AdmissionPlugin {self._name!r} {self._state.value}>"
 
     # -- The caller's side -------------------------------------------------
 
-    def check_admission(self, pin: Pin | str) -> Future[None]:
+    def check_admission(self, pin: Pin | str, *, timeout: float | None = None) -> Future[None]:
         """Ask the plugin whether ``pin`` may be deployed.
 
         Returns a Future that resolves to None if admitted, or holds
@@ -152,53 +234,98 @@ class AdmissionPlugin:
         ``PluginAbortedError``. The same pin gets the same Future until
         ``clear_cache()``. The first call starts the plugin in the background.
         Blocks only while ``max_pending`` checks wait to be sent, until there
-        is room or the plugin breaks or closes.
+        is room, the plugin breaks or closes, or ``timeout`` passes.
+
+        A pin whose request would exceed the 4 MiB message limit of plugins
+        gets a failed Future (INVALID_ARGUMENT) and is never sent.
 
         Raises:
             InvalidPinError: ``pin`` is a malformed ``"package:instance_id"`` string.
+            TimeoutError: the queue had no room within ``timeout`` seconds.
+            RuntimeError: called in a child process forked from the host's.
         """
         if not isinstance(pin, Pin):
             pin = Pin.parse(pin)
+        future = self._promises.get(pin)  # one dict lookup: atomic, no lock needed
+        if future is not None:
+            return future
+        if self._fork_generation != FORKS.generation:
+            raise RuntimeError("an admission plugin can only be used in the process that created its host")
+        deadline = (
+            _NO_DEADLINE
+            if timeout is None
+            else Deadline(checked_timeout(timeout, "timeout", allow_zero=True))
+        )
+        admission = plugin_pb2.Admission(
+            service_url=self._host.service_url, package=pin.package, instance=pin.object_ref
+        )
+        admission.admission_id = admission_id(admission, self._salt)
+        oversized = None
+        if (
+            len(pin.package) + self._url_bytes > _SIZE_CHECK_FLOOR
+            and admission.ByteSize() > MAX_MESSAGE_BYTES
+        ):
+            oversized = AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the check of {pin.package!r} is {admission.ByteSize()} bytes, over the "
+                f"{MAX_MESSAGE_BYTES}-byte message limit of plugins; it was not sent",
+            )
+        check = Check(admission, AdmissionFuture(), time.monotonic(), None)
         launch = False
         with self._lock:
             while True:
-                future = self._promises.get(pin)
-                if future is not None:
-                    return future
-                if self._state not in _ALIVE or len(self._queue) < self._max_pending:
+                cached = self._promises.get(pin)
+                if cached is not None:
+                    return cached
+                if oversized or self._state not in _ALIVE or len(self._queue) < self._max_pending:
                     break
-                # Cannot hang: the stream makes room, and every way the plugin
-                # can end (crash, close, connect timeout) notifies.
-                self._has_room.wait()
-            future = AdmissionFuture()
-            self._promises[pin] = future
-            if self._state not in _ALIVE:
-                assert self._failure is not None
-                future.set_exception(self._failure)
-                return future
-            admission = plugin_pb2.Admission(
-                service_url=self._host.service_url,
-                package=pin.package,
-                instance=pin.object_ref,
-            )
-            admission.admission_id = admission_id(admission, self._salt)
-            self._in_flight[admission.admission_id] = future
-            self._queue.append(admission)
-            self._has_work.notify()
-            if self._state is PluginState.NOT_STARTED:
-                self._state = PluginState.STARTING
-                launch = True
-        if launch:
-            self._launcher = threading.Thread(
-                target=self._launch_and_await, name=f"cipdplugin-launch-{self._name}", daemon=True
-            )
-            self._launcher.start()
-        return future
+                # Cannot hang without a timeout: the stream makes room, and
+                # every way the plugin can end (crash, close, connect timeout)
+                # notifies.
+                if not self._has_room.wait(deadline.remaining()) and deadline.expired():
+                    raise TimeoutError(
+                        f"plugin {self._name!r} had no room for the check within {timeout:g} s"
+                    )
+            if oversized is not None:
+                self._promises[pin] = check.future
+                failure: AdmissionError | None = oversized
+            else:
+                # Queued first and cached last: an asynchronous exception
+                # (KeyboardInterrupt) in between leaves a queued check nobody
+                # holds, never a cached Future nobody will settle.
+                self._in_flight[admission.admission_id] = check
+                self._queue.append(check)
+                self._promises[pin] = check.future
+                failure = None
+                if self._state in _ALIVE:
+                    self._has_work.notify()
+                    if self._state is PluginState.NOT_STARTED:
+                        self._state = PluginState.STARTING
+                        launch = True
+                else:
+                    # Ended before, or during this update (a signal handler on
+                    # this thread may have closed the plugin): take it back.
+                    self._in_flight.pop(admission.admission_id, None)
+                    self._queue.clear()
+                    failure = self._failure
+        if failure is not None:
+            _settle(check.future, failure)
+        elif launch:
+            self._start_launcher()
+        return check.future
 
     def clear_cache(self) -> None:
         """Forget resolved promises; pending ones stay shared."""
         with self._lock:
             self._promises = {pin: f for pin, f in self._promises.items() if not f.done()}
+
+    def begin_close(self) -> None:
+        """The part of ``close()`` that never waits: fail pending checks at once.
+
+        ``Host.close()`` calls it on its own thread before terminating
+        processes in parallel, so that Future callbacks run there.
+        """
+        self._reject_all(PluginAbortedError(f"plugin {self._name!r} was closed"), PluginState.CLOSED)
 
     def close(self, timeout: float | None = None) -> None:
         """Fail pending checks with ``PluginAbortedError`` and terminate the plugin.
@@ -207,24 +334,30 @@ class AdmissionPlugin:
         plugin is still starting. Returns within the termination deadline
         (5 s, or ``timeout`` if shorter) plus a small constant.
         """
-        deadline = time.monotonic() + termination_span(timeout)
-        self._reject_all(PluginAbortedError(f"plugin {self._name!r} was closed"), PluginState.CLOSED)
-        launcher = self._launcher
-        if launcher is not None and launcher is not threading.current_thread():
-            launcher.join(min(_LAUNCH_JOIN, max(0.0, deadline - time.monotonic())))
+        deadline = Deadline(termination_span(timeout))
+        self.begin_close()
+        if self._fork_generation != FORKS.generation:
+            return  # the process belongs to the parent
+        if self._launcher_started:
+            # Wait for a launch in progress, within bounds: its launcher
+            # terminates a process that comes after this close gave up.
+            _first_of(self._launched, timeout=deadline.remaining_or(LAUNCH_JOIN))
         process = self._process
         if process is not None:
-            process.terminate(max(0.0, deadline - time.monotonic()))
+            process.terminate(deadline.remaining())
 
     # -- The single funnel every ending goes through -------------------------
 
     def _reject_all(self, error: AdmissionError, state: PluginState = PluginState.BROKEN) -> bool:
-        """Fail every unresolved check with ``error`` and leave the alive states.
+        """Fail every unsettled check with ``error`` and leave the alive states.
 
         The first ending decides the error later checks get; a close after a
-        break only records that the plugin is closed. Returns whether this
-        call ended the plugin.
+        break only records that the plugin is closed. Every cached Future
+        still pending is failed too, so none is left behind by a check that
+        an exception interrupted. Returns whether this call ended the plugin.
         """
+        if self._state is PluginState.CLOSED:
+            return False  # without the lock: a closed plugin stays closed
         with self._lock:
             if self._state not in _ALIVE:
                 if state is PluginState.CLOSED:
@@ -232,25 +365,48 @@ class AdmissionPlugin:
                 return False
             self._state = state
             self._failure = error
-            rejected = list(self._in_flight.values())
+            rejected = [check.future for check in self._in_flight.values()]
+            rejected += [future for future in self._promises.values() if not future.done()]
             self._in_flight.clear()
             self._queue.clear()
             self._has_work.notify_all()
             self._has_room.notify_all()
         # Outside the lock: Future callbacks run arbitrary code.
+        if not self._ended.done():
+            self._ended.set_result(error)
         for future in rejected:
-            future.set_exception(error)
+            _settle(future, error)
         if state is PluginState.BROKEN:
             self._logger.warning("Plugin '%s': %s", self._name, error.message)
         return True
 
     # -- The launcher thread -------------------------------------------------
 
+    def _start_launcher(self) -> None:
+        thread = threading.Thread(
+            target=self._launch_and_await, name=f"cipdplugin-launch-{self._name}", daemon=True
+        )
+        self._launcher_started = True
+        try:
+            thread.start()
+        except BaseException:
+            # Nothing launches this plugin now; the next check will.
+            with self._lock:
+                self._launcher_started = False
+                if self._state is PluginState.STARTING:
+                    self._state = PluginState.NOT_STARTED
+            raise
+
     def _launch_and_await(self) -> None:
-        """Launch the plugin and fail everything if it does not connect in time."""
+        """Launch the plugin, then wait for its connection, its exit or its end.
+
+        The Go host's ``select`` over the same three: whichever comes first
+        decides, and a timeout fails the plugin.
+        """
         try:
             process = self._host.launch_plugin(self._cmdline, self)
         except PluginStartError as exc:
+            self._launched.set_exception(exc)
             # Host.close() races with this launch: it refuses the launch before
             # its thread gets to close this plugin. That is a close, not a
             # failure to start, and pending checks must say so.
@@ -260,174 +416,141 @@ class AdmissionPlugin:
                 self._reject_all(exc)
             return
         except Exception as exc:
-            self._reject_all(PluginStartError(f"cannot start plugin {self.executable!r}: {exc}"))
+            error = PluginStartError(f"cannot start plugin {self.executable!r}: {exc}")
+            self._launched.set_exception(error)
+            self._reject_all(error)
             return
-        deadline = time.monotonic() + self._connect_timeout
-        with self._lock:
-            self._process = process
-            while self._state is PluginState.STARTING:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._has_work.wait(remaining)
-            timed_out = self._state is PluginState.STARTING
-            closed = self._state is PluginState.CLOSED
-        if timed_out:
+        self._process = process
+        self._launched.set_result(process)
+        process.exited.add_done_callback(self._on_exit)
+        _first_of(
+            self._connected, process.exited, self._ended, timeout=Deadline(self._connect_timeout).remaining()
+        )
+        refusal = self._refusal
+        if refusal is not None:
+            # Answer first, stdin after: a plugin that leaves on stdin EOF
+            # must still learn why it was refused.
+            _first_of(refusal.answered, process.exited, timeout=REFUSAL_GRACE)
+            _first_of(process.exited, timeout=REFUSAL_GRACE)
+            process.close_stdin()
+        elif not (self._connected.done() or process.exited.done() or self._ended.done()):
             self._reject_all(
                 PluginStartError(
-                    f"plugin {self.executable!r} did not connect within {self._connect_timeout:g} s",
+                    f"plugin {self._name!r} did not connect within {self._connect_timeout:g} s",
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
             )
             process.terminate()
-        elif closed:
+        elif self._state is PluginState.CLOSED:
             # close() may have given up waiting for this launch; make sure
             # the process does not outlive the plugin.
             process.terminate()
 
-    # -- Hooks called by the host ------------------------------------------
-
-    def plugin_exited(self, process: PluginProcess) -> None:
-        """The process ended: fail whatever it left unresolved."""
-        if self._state is PluginState.STARTING:
-            self._reject_all(PluginStartError(f"{process.describe()} before connecting"))
+    def _on_exit(self, exited: Future[int]) -> None:
+        """The process ended: fail whatever it left unsettled."""
+        process = self._process
+        text = process.describe() if process is not None else f"plugin {self._name!r} exited"
+        if self._connected.done():
+            self._reject_all(PluginAbortedError(f"{text} while checks were pending"))
         else:
-            self._reject_all(PluginAbortedError(f"{process.describe()} while checks were pending"))
+            self._reject_all(PluginStartError(f"{text} before connecting"))
 
-    # -- The Admissions service, for this plugin's session -------------------
+    # -- The stream's side, called by the transport ---------------------------
 
-    def serve_admissions(
-        self,
-        request: plugin_pb2.ListAdmissionsRequest,
-        context: grpc.ServicerContext,
-        refuse: Callable[[], None],
-    ) -> Iterator[plugin_pb2.Admission]:
-        """The ListAdmissions stream: hand queued checks to the plugin until it ends.
-
-        ``refuse`` forgets the plugin's ticket and closes its stdin; it is
-        called when the plugin speaks another protocol version.
-        """
+    def on_connected(self, request: plugin_pb2.ListAdmissionsRequest) -> Refusal | None:
+        """The plugin called ListAdmissions: open its stream, or say why not."""
         with self._lock:
             claimed, self._stream_claimed = self._stream_claimed, True
         if claimed:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "ListAdmissions was already called")
+            return Refusal(grpc.StatusCode.FAILED_PRECONDITION, "ListAdmissions was already called")
         if request.protocol_version != PROTOCOL_VERSION:
             message = (
-                f"plugin {self.executable!r} speaks admission protocol version "
+                f"plugin {self._name!r} speaks admission protocol version "
                 f"{request.protocol_version}, the host speaks {PROTOCOL_VERSION}"
             )
-            self._reject_all(PluginStartError(message, grpc.StatusCode.FAILED_PRECONDITION))
-            refuse()
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+            refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, message, final=True)
+            error = PluginStartError(message, grpc.StatusCode.FAILED_PRECONDITION)
+            self._refusal = refusal
+            self._reject_all(error)
+            if not self._connected.done():
+                self._connected.set_exception(error)
+            return refusal
         with self._lock:
-            if self._state is PluginState.STARTING:
+            connected = self._state is PluginState.STARTING
+            if connected:
                 self._state = PluginState.CONNECTED
-                self._has_work.notify_all()
-            connected = self._state is PluginState.CONNECTED
         if not connected:
-            context.abort(grpc.StatusCode.ABORTED, "terminating")
-        if not context.add_callback(self._wake_stream):
-            self._stream_ended()
-            return
+            return Refusal(grpc.StatusCode.ABORTED, "terminating")
+        self._connected.set_result(request.plugin_version)
         self._logger.debug("Plugin '%s' connected (version %r)", self._name, request.plugin_version)
-        try:
-            while True:
-                with self._lock:
-                    # Cannot hang: woken by new checks, by every ending, and
-                    # by the RPC's termination callback.
-                    while not self._queue and self._state is PluginState.CONNECTED and context.is_active():
-                        self._has_work.wait()
-                    if self._state is not PluginState.CONNECTED or not context.is_active():
-                        break
-                    batch = list(self._queue)
-                    self._queue.clear()
-                    self._has_room.notify_all()
-                yield from batch
-        finally:
-            ended_by_us = self._state is not PluginState.CONNECTED
-            if not ended_by_us:
-                self._stream_ended()
-        context.abort(grpc.StatusCode.ABORTED, "terminating")
+        return None
 
-    def resolve_admission(self, request: plugin_pb2.ResolveAdmissionRequest) -> None:
-        """Settle one check; unknown IDs (already settled, or never ours) are ignored."""
+    def next_admissions(self, timeout: float) -> list[plugin_pb2.Admission] | None:
+        """Checks to send now: waits up to ``timeout`` for some; [] if none
+        came, None once the stream must end (the plugin broke or closed)."""
         with self._lock:
-            future = self._in_flight.pop(request.admission_id, None)
-        if future is None:
-            return
-        if not request.HasField("status") or request.status.code == _OK:
-            future.set_result(None)
-            return
-        code = _CODES.get(request.status.code, grpc.StatusCode.UNKNOWN)
-        if request.status.code == _FAILED_PRECONDITION:
-            future.set_exception(AdmissionDenied(request.status.message))
-        else:
-            future.set_exception(AdmissionError(code, request.status.message))
+            if not self._queue and self._state is PluginState.CONNECTED:
+                self._has_work.wait(timeout)
+            if self._state is not PluginState.CONNECTED:
+                return None
+            if not self._queue:
+                return []
+            now = time.monotonic()
+            batch: list[plugin_pb2.Admission] = []
+            for check in self._queue:
+                check.sent_at = now
+                if check.admission is not None:
+                    batch.append(check.admission)
+                # Not kept while the plugin decides: a message holds an arena
+                # of its own, and thousands of them in flight fragment the
+                # heap that cached promises live in.
+                check.admission = None
+            self._queue.clear()
+            self._has_room.notify_all()
+        return batch
 
-    def _wake_stream(self) -> None:
+    def wake(self) -> None:
+        """Wake the stream to look at its call; never waits for the lock.
+
+        Called by gRPC's own threads, which must not block on a plugin's lock
+        (its holder may be waiting for gRPC); the stream re-checks on its own
+        within ``STREAM_RECHECK`` when the lock is busy.
+        """
+        if self._lock.acquire(blocking=False):
+            try:
+                self._has_work.notify_all()
+            finally:
+                self._lock.release()
+
+    def on_disconnected(self) -> None:
+        """The stream is over. If the plugin ended it, the plugin is done for."""
         with self._lock:
-            self._has_work.notify_all()
-
-    def _stream_ended(self) -> None:
-        """The plugin's stream ended without our asking: the plugin is done for."""
-        process = self._process
+            if self._state is not PluginState.CONNECTED:
+                return  # ended by us, or already failed
+            process = self._process
         # The exit status makes a better message; a crashing plugin's exit
         # usually follows its connection's end within milliseconds.
-        if process is not None and process.wait(_EXIT_STATUS_WAIT) is not None:
-            self.plugin_exited(process)
+        if process is not None:
+            _first_of(process.exited, self._ended, timeout=EXIT_STATUS_WAIT)
+            if process.exited.done():
+                self._on_exit(process.exited)
+                return
+        self._reject_all(PluginAbortedError(f"plugin {self._name!r} closed its admission stream"))
+
+    def resolve(self, admission_id: str, status: status_pb2.Status | None) -> None:
+        """Settle one check; unknown IDs (already settled, or never ours) are ignored.
+
+        No status, or OK, admits: the Go SDK sends none when it admits.
+        """
+        with self._lock:
+            check = self._in_flight.pop(admission_id, None)
+        if check is None:
+            return
+        if status is None or status.code == _OK:
+            _settle(check.future, None)
+        elif status.code == _FAILED_PRECONDITION:
+            _settle(check.future, AdmissionDenied(status.message))
         else:
-            self._reject_all(PluginAbortedError(f"plugin {self.executable!r} closed its admission stream"))
-
-
-class AdmissionsService:
-    """Serves ``cipd.plugin.Admissions`` for sessions whose controller is an AdmissionPlugin."""
-
-    def __init__(self, server: PluginServer) -> None:
-        self._server = server
-
-    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        return grpc.method_handlers_generic_handler(
-            "cipd.plugin.Admissions",
-            {
-                "ListAdmissions": method_handler(
-                    grpc.unary_stream_rpc_method_handler,
-                    self.list_admissions,
-                    plugin_pb2.ListAdmissionsRequest,
-                    plugin_pb2.Admission,
-                ),
-                "ResolveAdmission": method_handler(
-                    grpc.unary_unary_rpc_method_handler,
-                    self.resolve_admission,
-                    plugin_pb2.ResolveAdmissionRequest,
-                    Empty,
-                ),
-            },
-        )
-
-    def _plugin(self, context: grpc.ServicerContext) -> tuple[AdmissionPlugin, PluginSession]:
-        session = self._server.session_for(context)
-        if not isinstance(session.controller, AdmissionPlugin):
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this plugin is not an admission plugin")
-        return session.controller, session
-
-    def list_admissions(
-        self, request: plugin_pb2.ListAdmissionsRequest, context: grpc.ServicerContext
-    ) -> Iterator[plugin_pb2.Admission]:
-        plugin, session = self._plugin(context)
-
-        def refuse() -> None:
-            # The session's process is set before the handshake is written,
-            # so it is there even if the plugin connects before its launch
-            # has returned to the launcher thread.
-            self._server.forget(session)
-            if session.process is not None:
-                session.process.close_stdin()
-
-        yield from plugin.serve_admissions(request, context, refuse)
-
-    def resolve_admission(
-        self, request: plugin_pb2.ResolveAdmissionRequest, context: grpc.ServicerContext
-    ) -> Empty:
-        plugin, _ = self._plugin(context)
-        plugin.resolve_admission(request)
-        return Empty()
+            _settle(
+                check.future, AdmissionError(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message)
+            )

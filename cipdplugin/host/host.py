@@ -3,40 +3,27 @@
 from __future__ import annotations
 
 import atexit
-import concurrent.futures.thread  # noqa: F401  (see the exit hook at the end)
 import json
 import logging
 import os
 import threading
-import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from cipdplugin.config import Config
+from cipdplugin.constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING, SERVER_STOP
+from cipdplugin.deadline import Deadline
 from cipdplugin.errors import PluginStartError
-from cipdplugin.host.admission import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_MAX_PENDING,
-    AdmissionPlugin,
-    AdmissionsService,
-)
-from cipdplugin.host.process import PluginProcess, termination_span
-from cipdplugin.host.server import PluginServer, PluginSession, ServerStartError
-from cipdplugin.host.services import HostService
-
-#: Added to a close() deadline for the server's own shutdown.
-_SERVER_STOP = 1.0
+from cipdplugin.host.admission import AdmissionPlugin
+from cipdplugin.host.process import FORKS, PluginProcess, display_name, termination_span
+from cipdplugin.host.transport import PluginServer, PluginSession, ServerStartError
 
 
 class PluginController(Protocol):
-    """What a plugin kind gives ``Host.launch_plugin``.
-
-    ``plugin_exited`` is called once, from the process's monitor thread,
-    after the process has exited and been reaped.
-    """
-
-    def plugin_exited(self, process: PluginProcess) -> None: ...
+    """What a plugin kind gives ``Host.launch_plugin``: the object the
+    transport routes the plugin's calls to (each service checks its type).
+    It learns of the process's exit through ``PluginProcess.exited``."""
 
 
 class Host:
@@ -44,6 +31,10 @@ class Host:
 
     Use as a context manager, or call ``close()``; plugins of a host that
     was never closed are terminated when the interpreter exits.
+
+    A host belongs to the process that created it. In a child forked from
+    that process, ``close()`` does nothing (the plugins are the parent's),
+    launching raises ``RuntimeError``, and the exit hook leaves it alone.
     """
 
     def __init__(self, config: Config | None = None, *, logger: logging.Logger | None = None, port: int = 0):
@@ -56,23 +47,20 @@ class Host:
             port: the loopback port to listen on (default: one the OS picks).
         """
         self.logger = logger or logging.getLogger("cipdplugin")
-        self._server = PluginServer(port=port)
-        self._server.add_handlers(
-            [
-                HostService(self._server, lambda: self._config, self.logger).handler(),
-                AdmissionsService(self._server).handler(),
-            ]
-        )
-        # Guards the fields below.
-        self._lock = threading.Lock()
+        self._server = PluginServer(lambda: self._config, self.logger, port=port)
+        self._fork_generation = FORKS.generation
+        # Guards the fields below. Re-entrant: close() may run in a signal
+        # handler that interrupted this thread inside the lock.
+        self._lock = threading.RLock()
         self._config = config
         self._launched = False  # a plugin was launched: the config is fixed
-        self._closing = False
-        self._closed = threading.Event()
+        self._closing = False  # close() was called
+        self._close_threads: set[int] = set()  # the first close()'s thread and its stoppers
         # Admission plugins made here. Weak: a running one is also held by
         # its process's exit callback, and a dropped idle one needs no close.
         self._plugins: weakref.WeakSet[AdmissionPlugin] = weakref.WeakSet()
         self._processes: set[PluginProcess] = set()  # running processes of any kind
+        self._close_finished = threading.Event()  # the first close() has returned
         _live_hosts.add(self)
 
     @property
@@ -123,11 +111,15 @@ class Host:
         """An admission plugin for ``cmdline``; it starts on its first check.
 
         Raises:
-            ValueError: ``cmdline`` is not a non-empty list of strings, or a
-                limit is out of range.
-            RuntimeError: the host is closed.
+            ValueError: ``cmdline`` is not a non-empty list of strings,
+                ``connect_timeout`` is not finite and positive, or
+                ``max_pending`` is below 1.
+            TypeError: ``connect_timeout`` is not a number, or ``max_pending``
+                is not an int.
+            RuntimeError: the host is closed, or belongs to a parent process.
         """
         cmdline = _checked_cmdline(cmdline)
+        self._check_owner()
         plugin = AdmissionPlugin(self, cmdline, connect_timeout=connect_timeout, max_pending=max_pending)
         with self._lock:
             if self._closing:
@@ -139,81 +131,102 @@ class Host:
         """Start a plugin process and hand it its handshake.
 
         The server starts with the first launch, while the process boots.
+        ``controller`` is what the plugin's calls are routed to.
 
         Raises:
             PluginStartError: the executable cannot be started, the server
                 cannot start, or the host is closed.
+            RuntimeError: the host belongs to a parent process.
         """
         cmdline = _checked_cmdline(cmdline)
-        session = PluginSession(name=os.path.basename(cmdline[0]), controller=controller)
-        # The controller hears of the exit only once the launch has
-        # succeeded: a launch that fails raises instead. The process may exit
-        # on either side of that moment, so whichever comes second notifies.
-        handover_lock = threading.Lock()
-        handover = {"launched": False, "exited": False}
+        self._check_owner()
+        name = display_name(cmdline)
+        with self._lock:
+            if self._closing:
+                raise PluginStartError(f"cannot start plugin {name!r}: the host is closed")
+            self._launched = True
+        # Launched outside the lock (Popen may take a while); registered, or
+        # terminated if close() began meanwhile, under it.
+        process = PluginProcess(cmdline, logger=self.logger)
+        with self._lock:
+            refused = self._closing
+            if not refused:
+                self._processes.add(process)
+        if refused:
+            process.terminate()
+            raise PluginStartError(f"cannot start plugin {name!r}: the host is closed")
+        session = PluginSession(name=name, controller=controller, process=process)
 
-        def exited(process: PluginProcess) -> None:
+        def forget(_: object) -> None:
             self._server.forget(session)
             with self._lock:
                 self._processes.discard(process)
-            with handover_lock:
-                handover["exited"] = True
-                notify = handover["launched"]
-            if notify:
-                controller.plugin_exited(process)
 
-        with self._lock:
-            if self._closing:
-                raise PluginStartError(f"cannot start plugin {cmdline[0]!r}: the host is closed")
-            self._launched = True
-            # Started under the lock so that close() sees every process.
-            process = PluginProcess(cmdline, logger=self.logger, on_exit=exited)
-            self._processes.add(process)
-        session.process = process
+        process.exited.add_done_callback(forget)
         try:
             port = self._server.start()
         except ServerStartError as exc:
             process.terminate()
-            raise PluginStartError(f"cannot start plugin {cmdline[0]!r}: {exc}") from None
-        self._server.register(session)
+            raise PluginStartError(f"cannot start plugin {name!r}: {exc}") from None
+        if not process.exited.done():
+            self._server.register(session)
         handshake = json.dumps({"port": port, "ticket": session.ticket}, separators=(",", ":"))
         process.write_line(handshake.encode("ascii") + b"\n")
-        with handover_lock:
-            handover["launched"] = True
-            notify = handover["exited"]
-        if notify:
-            controller.plugin_exited(process)
         return process
 
     def close(self, timeout: float | None = None) -> None:
         """Terminate every plugin in parallel and stop the server. Idempotent.
 
-        Pending checks fail with ``PluginAbortedError``. Returns within the
-        termination deadline (5 s, or ``timeout`` if shorter) plus a small
-        constant; a concurrent second call waits for the first.
+        Pending checks fail with ``PluginAbortedError``, on this thread.
+        Returns within the termination deadline (5 s, or ``timeout`` if
+        shorter) plus a small constant. A concurrent second call waits for
+        the first, unless it comes from the first itself (a Future callback
+        that closes the host): then it returns at once. Safe from a signal
+        handler. In a child process forked from the host's, does nothing.
         """
+        if self._fork_generation != FORKS.generation:
+            return
         span = termination_span(timeout)
-        deadline = time.monotonic() + span
+        deadline = Deadline(span)
         with self._lock:
             first = not self._closing
+            nested = threading.get_ident() in self._close_threads
             self._closing = True
+            self._close_threads.add(threading.get_ident())
             plugins, processes = list(self._plugins), list(self._processes)
         if not first:
-            self._closed.wait(span + _SERVER_STOP)
+            if not nested:
+                self._close_finished.wait(span + SERVER_STOP)
             return
         try:
-            stoppers = [threading.Thread(target=p.close, args=(span,), daemon=True) for p in plugins]
-            stoppers += [threading.Thread(target=p.terminate, args=(span,), daemon=True) for p in processes]
+            for plugin in plugins:
+                plugin.begin_close()
+            stoppers = [self._stopper(plugin.close, span) for plugin in plugins]
+            stoppers += [self._stopper(process.terminate, span) for process in processes]
             for thread in stoppers:
                 thread.start()
             for thread in stoppers:
-                # terminate() bounds itself by the deadline; the margin covers
-                # the SIGKILL settling time.
-                thread.join(max(0.0, deadline - time.monotonic()) + _SERVER_STOP)
-            self._server.stop(_SERVER_STOP)
+                # Each stopper bounds itself by the deadline; the margin
+                # covers the SIGKILL settling time.
+                thread.join(deadline.remaining_or(span) + SERVER_STOP)
+            self._server.stop(SERVER_STOP)
         finally:
             _live_hosts.discard(self)
-            self._closed.set()
+            self._close_finished.set()
+
+    def _stopper(self, stop: Callable[[float], object], span: float) -> threading.Thread:
+        def run() -> None:
+            with self._lock:
+                self._close_threads.add(threading.get_ident())
+            stop(span)
+
+        return threading.Thread(target=run, name="cipdplugin-stopper", daemon=True)
+
+    def _check_owner(self) -> None:
+        if self._fork_generation != FORKS.generation:
+            raise RuntimeError(
+                "a Host can only be used in the process that created it, not in a forked child"
+            )
 
 
 def _checked_cmdline(cmdline: Sequence[str]) -> list[str]:
@@ -224,7 +237,8 @@ def _checked_cmdline(cmdline: Sequence[str]) -> list[str]:
     return list(cmdline)
 
 
-# Hosts not yet closed; the interpreter-exit hook closes them.
+# Hosts not yet closed; the interpreter-exit hook closes them. A forked child
+# starts with none: the hosts it inherits belong to its parent.
 _live_hosts: weakref.WeakSet[Host] = weakref.WeakSet()
 
 
@@ -233,11 +247,12 @@ def _close_live_hosts() -> None:
         host.close()
 
 
-# threading's exit hooks run before non-daemon threads are joined, in reverse
-# order of registration. The thread pool module registers a hook that joins
-# its workers, and a server worker may be blocked in a plugin's stream until
-# the host closes: so that module is imported first (it registers lazily
-# otherwise), making our hook run before its hook. Plain atexit is the
-# fallback where the hook is missing.
-_register_exit_hook = getattr(threading, "_register_atexit", atexit.register)
-_register_exit_hook(_close_live_hosts)
+def _forget_hosts_in_child() -> None:
+    _live_hosts.clear()
+
+
+# Plain atexit, ordered by design: the server's threads are daemons, so
+# nothing joins them before this hook runs; and grpc, imported above,
+# registered its own exit hooks first, so they run after this one.
+atexit.register(_close_live_hosts)
+os.register_at_fork(after_in_child=_forget_hosts_in_child)

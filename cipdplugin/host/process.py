@@ -11,27 +11,23 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import selectors
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future
 
 import psutil
 
+from cipdplugin.constants import KILL_DEADLINE, KILL_SETTLE, MAX_LOG_LINE, STDERR_TAIL, STOP_GRACE
+from cipdplugin.deadline import Deadline
 from cipdplugin.errors import PluginStartError
 from cipdplugin.host.spawn import spawn
 
-#: Termination never takes longer than this (plus a small constant).
-KILL_DEADLINE = 5.0
-#: How long a plugin may take to exit on its own once its stdin is closed.
-STOP_GRACE = 1.0
-#: Longer output lines are cut before they reach the log.
-MAX_LOG_LINE = 16 * 1024
-#: How many of the plugin's last stderr lines are kept for error messages.
-STDERR_TAIL = 5
-#: Bound on the wait for a SIGKILLed process to vanish (it cannot refuse).
-_KILL_SETTLE = 1.0
+# Tunables of the monitor alone, kept here so that tests can shorten them.
 #: After the plugin exits, its output is read for at most this long and at
 #: most this many bytes: a descendant may hold the pipes open and write forever.
 DRAIN_SPAN = 0.5
@@ -39,6 +35,52 @@ DRAIN_BYTES = 1024 * 1024
 #: How often the monitor records the plugin's descendants, so that those still
 #: running when the plugin itself exits are terminated with it.
 FAMILY_INTERVAL = 1.0
+
+
+#: Interpreters a plugin script may be run under: python, python3, python3.11, pypy3...
+_INTERPRETER = re.compile(r"(python|pypy)[0-9.]*(\.exe)?")
+#: Interpreter options that take the next argument as their value.
+_OPTIONS_WITH_VALUE = frozenset({"-W", "-X", "--check-hash-based-pycs"})
+
+
+class _Forks:
+    """How many times this process is a fork child away from the one that
+    imported cipdplugin. Hosts, plugins and processes note it when made: in a
+    child, they belong to the parent and refuse to act."""
+
+    generation = 0
+
+
+FORKS = _Forks()
+
+
+def _count_fork() -> None:
+    FORKS.generation += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
+def display_name(cmdline: Sequence[str]) -> str:
+    """The name messages, log lines and thread names give a plugin.
+
+    The executable's basename, except under an interpreter (``python``,
+    ``python3.11``, this interpreter): then the script's basename
+    (``allowlist_plugin.py``), or the module's name with ``-m``.
+    """
+    program = os.path.basename(cmdline[0])
+    if not (_INTERPRETER.fullmatch(program) or program == os.path.basename(sys.executable)):
+        return program
+    arguments = iter(cmdline[1:])
+    for argument in arguments:
+        if argument in ("-m", "-c"):
+            target = next(arguments, "")
+            return target if argument == "-m" and target else program
+        if argument in _OPTIONS_WITH_VALUE:
+            next(arguments, None)
+        elif argument == "-" or not argument.startswith("-"):
+            return os.path.basename(argument) or program
+    return program
 
 
 def termination_span(timeout: float | None) -> float:
@@ -98,27 +140,27 @@ class PluginProcess:
     few stderr lines are also kept for error messages (``stderr_tail``).
 
     One monitor thread per process forwards the output and notices the exit;
-    it ends when the process has exited and been reaped. ``terminate`` makes
-    sure that happens.
+    it ends when the process has exited and been reaped, and it alone
+    resolves ``exited``. ``terminate`` makes sure that happens.
+
+    Attributes:
+        exited: resolves to the exit status once the process has exited and
+            been reaped (negative: killed by that signal). Never fails.
+        done: an Event set just before ``exited`` resolves, for callers that
+            prefer ``done.wait()``; in ``exited``'s callbacks it is set.
     """
 
-    def __init__(
-        self,
-        cmdline: Sequence[str],
-        *,
-        logger: logging.Logger,
-        on_exit: Callable[[PluginProcess], None] | None = None,
-    ) -> None:
+    def __init__(self, cmdline: Sequence[str], *, logger: logging.Logger) -> None:
         """Start ``cmdline`` with piped stdin/stdout/stderr in a new session.
 
         Raises:
             PluginStartError: the executable cannot be started.
         """
         self.cmdline = list(cmdline)
-        self.name = os.path.basename(self.cmdline[0])
+        self.name = display_name(self.cmdline)
+        self.exited: Future[int] = Future()
         self.done = threading.Event()
         self._logger = logger
-        self._on_exit = on_exit
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         # Guards stdin against a write racing with its close.
         self._stdin_lock = threading.Lock()
@@ -147,7 +189,17 @@ class PluginProcess:
     @property
     def returncode(self) -> int | None:
         """The exit status once the process has been reaped, else None."""
-        return self._popen.returncode if self.done.is_set() else None
+        return self.exited.result() if self.exited.done() else None
+
+    @property
+    def family(self) -> frozenset[int]:
+        """Pids of the descendants recorded while the plugin ran and not yet seen to exit.
+
+        ``terminate`` signals these as well as whatever runs in the plugin's
+        process group and session.
+        """
+        with self._family_lock:
+            return frozenset(self._family)
 
     @property
     def stderr_tail(self) -> list[str]:
@@ -156,7 +208,7 @@ class PluginProcess:
 
     def describe(self) -> str:
         """How the process ended, with its last stderr line if any."""
-        text = f"plugin {self.cmdline[0]!r} (pid {self.pid}) {describe_exit(self.returncode)}"
+        text = f"plugin {self.name!r} (pid {self.pid}) {describe_exit(self.returncode)}"
         tail = self.stderr_tail
         if tail:
             text += f" (its last stderr line: {tail[-1]!r})"
@@ -201,22 +253,22 @@ class PluginProcess:
         call from several threads and more than once.
         """
         deadline_span = termination_span(timeout)
-        deadline = time.monotonic() + deadline_span
+        deadline = Deadline(deadline_span)
         family = self._remember_family()
         self.close_stdin()
         if not self.done.wait(min(STOP_GRACE, deadline_span / 2)):
             family = self._remember_family()
         # Signalled even if the plugin left: what it started must not outlive it.
         family = self._signal_everyone(family, signal.SIGTERM)
-        self.done.wait(max(0.0, deadline - time.monotonic()))
+        self.done.wait(deadline.remaining())
         alive = [p for p in family if _is_running(p)]
         if alive:
-            psutil.wait_procs(alive, timeout=max(0.0, deadline - time.monotonic()))
+            psutil.wait_procs(alive, timeout=deadline.remaining())
         family = self._signal_everyone(self._remember_family(), signal.SIGKILL)
-        self.done.wait(_KILL_SETTLE)
+        self.done.wait(KILL_SETTLE)
         alive = [p for p in family if _is_running(p)]
         if alive:
-            psutil.wait_procs(alive, timeout=_KILL_SETTLE)
+            psutil.wait_procs(alive, timeout=KILL_SETTLE)
         self._remember_family()  # Forget those that are gone.
         return self.returncode
 
@@ -284,11 +336,9 @@ class PluginProcess:
             if stream is not None:
                 stream.close()
         self.done.set()
-        if self._on_exit is not None:
-            try:
-                self._on_exit(self)
-            except Exception:
-                self._logger.exception("Plugin %r: exit handler failed", self.name)
+        # The callbacks (the host forgetting the process, the plugin kind
+        # failing its work) run here, on this thread, in the order added.
+        self.exited.set_result(self._popen.returncode)
 
     def _forward_output(self) -> None:
         label = f"Plugin {self.name!r}"
@@ -331,10 +381,10 @@ class PluginProcess:
         now is read, not what keeps coming. Reading stops at the first empty
         read, and in any case at the bounds.
         """
-        deadline = time.monotonic() + DRAIN_SPAN
+        deadline = Deadline(DRAIN_SPAN)
         budget = DRAIN_BYTES
         unread = set(streams)
-        while unread and budget > 0 and time.monotonic() < deadline:
+        while unread and budget > 0 and not deadline.expired():
             for fd in list(unread):
                 count = _read_into(fd, streams[fd])
                 if count <= 0:

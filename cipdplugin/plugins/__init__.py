@@ -23,13 +23,13 @@ from typing import Any, BinaryIO
 
 import grpc
 
+from cipdplugin.constants import SDK_STOP_GRACE
+from cipdplugin.deadline import Deadline
 from cipdplugin.plugins.logs import HostLogHandler
 from cipdplugin.protocol import TICKET_METADATA_KEY
 
 #: A handshake line longer than this is rejected.
 MAX_HANDSHAKE_BYTES = 64 * 1024
-#: After stdin closes, how long the run loop gets to return on its own.
-STOP_GRACE = 0.5
 
 RunLoop = Callable[[grpc.Channel, threading.Event], "int | None"]
 
@@ -143,10 +143,11 @@ def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
     """Run a plugin: read the handshake, connect, call ``run_loop(channel, stopping)``.
 
     ``channel`` carries the ticket on every call. ``stopping`` is set once
-    the host closes stdin (or dies); ``run`` then gives ``run_loop`` half a
-    second to return and returns regardless, so a stuck handler cannot keep
-    the plugin alive. Standard ``logging`` records reach the host's log
-    through the Log RPC while ``run`` runs.
+    the host closes stdin (or dies); ``run`` then gives ``run_loop`` and the
+    log flush half a second in all (``SDK_STOP_GRACE``) and returns
+    regardless, so a stuck handler cannot keep the plugin alive. Standard
+    ``logging`` records reach the host's log through the Log RPC while
+    ``run`` runs.
 
     Returns the exit code: ``run_loop``'s result (None means 0), 1 if it
     raised, 2 for a bad handshake.
@@ -192,14 +193,16 @@ def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
     threading.Thread(target=watch_stdin, name="cipdplugin-stdin", daemon=True).start()
     loop_thread = threading.Thread(target=loop, name="cipdplugin-run-loop", daemon=True)
     loop_thread.start()
+    stop_deadline = Deadline(None)
     try:
         # Cannot hang: stdin reaches EOF when the host closes it or dies.
         finished.wait()
+        stop_deadline = Deadline(SDK_STOP_GRACE)
         if not outcome:
             stopping.set()
-            loop_thread.join(STOP_GRACE)
+            loop_thread.join(stop_deadline.remaining())
     finally:
-        log_handler.uninstall(timeout=STOP_GRACE)
+        log_handler.uninstall(timeout=stop_deadline.remaining_or(SDK_STOP_GRACE))
         raw_channel.close()
     return outcome[0] if outcome else 0
 

@@ -33,6 +33,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.rpc import status_pb2
 
 from cipdplugin import plugins
+from cipdplugin.constants import DEFAULT_PAGE_SIZE
 from cipdplugin.errors import AdmissionDenied, AdmissionError, InvalidPinError
 from cipdplugin.pins import Pin, object_ref_to_instance_id
 from cipdplugin.protocol import (
@@ -50,7 +51,6 @@ Denied = AdmissionDenied
 Error = AdmissionError
 
 DEFAULT_MAX_WORKERS = 16
-DEFAULT_PAGE_SIZE = 20
 #: Per-call deadline of ResolveAdmission and ListMetadata.
 _RPC_TIMEOUT = 30.0
 #: The ways a ListAdmissions stream ends that mean "stop", not "fail".
@@ -270,7 +270,7 @@ class _WorkerPool:
         self._items: queue.SimpleQueue[plugin_pb2.Admission | None] = queue.SimpleQueue()
         # Guards the fields below.
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._workers: list[threading.Thread] = []
         self._idle = 0  # workers waiting for an item
         self._stopped = False
 
@@ -278,11 +278,11 @@ class _WorkerPool:
         with self._lock:
             if self._stopped:
                 return
-            if self._idle == 0 and len(self._threads) < self._max_workers:
+            if self._idle == 0 and len(self._workers) < self._max_workers:
                 thread = threading.Thread(
-                    target=self._worker, name=f"cipdplugin-admission-{len(self._threads)}", daemon=True
+                    target=self._worker, name=f"cipdplugin-admission-{len(self._workers)}", daemon=True
                 )
-                self._threads.append(thread)
+                self._workers.append(thread)
                 thread.start()
             else:
                 self._idle -= 1
@@ -292,7 +292,7 @@ class _WorkerPool:
         """Tell every worker to leave once its current item is done (not waited for)."""
         with self._lock:
             self._stopped = True
-            count = len(self._threads)
+            count = len(self._workers)
         for _ in range(count):
             self._items.put(None)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections import deque
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
+from cipdplugin.deadline import Deadline
 from cipdplugin.protocol import HOST_LOG, plugin_pb2
 
 #: Records waiting to be sent; beyond this, new records are dropped (and counted).
@@ -73,14 +73,14 @@ class HostLogHandler(logging.Handler):
         root.removeHandler(self)
         if self._previous_root_level is not None:
             root.setLevel(self._previous_root_level)
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._cond:
-            while (self._records or self._busy) and self._cond.wait(max(0.0, deadline - time.monotonic())):
+            while (self._records or self._busy) and self._cond.wait(deadline.remaining()):
                 pass
             self._stopping = True
             self._records.clear()
             self._cond.notify_all()
-        self._sender.join(max(0.0, deadline - time.monotonic()))
+        self._sender.join(deadline.remaining())
 
     def emit(self, record: logging.LogRecord) -> None:
         if threading.current_thread() is self._sender:

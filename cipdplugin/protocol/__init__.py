@@ -1,7 +1,7 @@
 """The CIPD plugin wire protocol: ``.proto`` sources and their generated modules.
 
 ``cipd_pb2`` holds the shared repository messages (package ``cipd``),
-``plugin_pb2`` and ``plugin_pb2_grpc`` the plugin protocol (package
+``plugin_pb2`` the plugin protocol (package
 ``cipd.plugin``), ``config_pb2`` the CIPD client's configuration file
 (package ``cipd.client.config``). Regenerate them with ``make protos``.
 """

@@ -20,6 +20,13 @@ its stream open, admits what it is sent, and exits when stdin reaches EOF.
   ListAdmissions, and the resolution of its first admission.
 * ``wrong-version RESULT_FILE``: ListAdmissions with protocol version 2,
   then a Log call with the same ticket.
+* ``attack RESULT_FILE COUNT``: a denial of service from a local process
+  that has no ticket: opens COUNT ResolveAdmission calls without one that
+  never send their request, waits up to 3 s for them to end, and reports
+  how many ended with each code and how many were still open.
+* ``refused-until-eof RESULT_FILE``: asks for protocol version 2 in the
+  background and, the instant stdin closes, reports the answer it has by
+  then ("NONE" if none) and exits: a plugin that leaves on EOF at once.
 * ``forge RESULT_FILE SERVICE_URL PIN...``: opens its stream, then sends
   ResolveAdmission denials for the IDs the pins would have on this host
   (the public derivation rule, salted with the host's pid, which is this
@@ -28,13 +35,15 @@ its stream open, admits what it is sent, and exits when stdin reaches EOF.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
 import json
 import os
 import secrets
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -179,11 +188,53 @@ def probe(client: RawClient) -> tuple[dict[str, Any], Iterator[plugin_pb2.Admiss
     return results, stream
 
 
+async def attack(port: int, count: int, result_file: str) -> None:
+    """Open ``count`` unticketed calls that never send their request; report how they end."""
+    silence = asyncio.Event()
+
+    async def nothing() -> AsyncIterator[bytes]:
+        await silence.wait()  # Never set: the request never comes.
+        yield b""
+
+    options = [("grpc.enable_http_proxy", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        resolve = channel.stream_unary(
+            ADMISSIONS_RESOLVE, request_serializer=_identity, response_deserializer=_identity
+        )
+        calls = [resolve(nothing(), timeout=120) for _ in range(count)]
+        codes = [asyncio.ensure_future(call.code()) for call in calls]
+        finished, open_calls = await asyncio.wait(codes, timeout=3.0)
+        counts = collections.Counter(str(code.result().name) for code in finished)
+        write_result(result_file, {"codes": dict(counts), "open": len(open_calls)})
+        # Keep the open ones open until the host stops this process.
+        await asyncio.get_running_loop().run_in_executor(None, _read_until_eof)
+
+
+def _read_until_eof() -> None:
+    while os.read(0, 4096):
+        pass
+
+
+def refused_until_eof(client: RawClient, result_file: str) -> None:
+    answer = ["NONE"]
+
+    def ask() -> None:
+        answer[0] = _first_code(client.admissions(protocol_version=2))
+
+    threading.Thread(target=ask, daemon=True).start()
+    _read_until_eof()
+    write_result(result_file, {"answer at EOF": answer[0]})
+    os._exit(0)
+
+
 def main(argv: list[str]) -> int:
     mode, args = argv[1], argv[2:]
     handshake = read_handshake(sys.stdin.buffer)
     if mode == "crash-after-handshake":
         return 5
+    if mode == "attack":
+        asyncio.run(attack(handshake.port, int(args[1]), args[0]))
+        return 0
     client = RawClient(handshake)
     if mode == "crash-on-close":
         exit_on_eof(9)
@@ -210,6 +261,8 @@ def main(argv: list[str]) -> int:
         results["Log after"] = client.call(HOST_LOG, log.SerializeToString(), client.ticketed())
         write_result(result_file, results)
         exit_on_eof()
+    elif mode == "refused-until-eof":
+        refused_until_eof(client, result_file)
     elif mode == "forge":
         service_url, pins = args[1], [Pin.parse(text) for text in args[2:]]
         stream = client.admissions()

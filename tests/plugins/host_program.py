@@ -1,0 +1,172 @@
+"""Programs that run a Host in a process of their own, for what a test must
+not do to its own interpreter: fork it, interrupt it with signals, exit it.
+
+Usage: host_program.py MODE. Each mode prints one JSON object on stdout.
+
+* ``fork``: starts an admission plugin, then forks: a ``multiprocessing``
+  worker (fork start method, which runs threading's exit hooks), a bare
+  ``os.fork()`` child that exits through ``sys.exit`` (which runs atexit),
+  and one that tries to use the inherited host. Reports how each child
+  ended and how long it took, and the parent's next check.
+* ``close-in-signal-handler``: keeps the main thread inside
+  ``check_admission()`` and ``clear_cache()`` while SIGALRM's handler calls
+  ``Host.close(timeout=2)``; two rounds. Reports each close's duration and
+  how many Futures handed out were still pending after it.
+* ``interrupt-checks``: raises KeyboardInterrupt into ``check_admission()``
+  from SIGALRM every millisecond for two seconds, then closes the host.
+  Reports how many Futures handed out (or cached) were pending after close.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from concurrent.futures import Future
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from cipdplugin import AdmissionPlugin, Config, Host, Pin, StaticRepository
+
+TEST_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "admission_plugin.py")
+SERVICE_URL = "https://cipd.example.com"
+
+
+def pins(count: int) -> list[Pin]:
+    return [Pin("test/pkg", f"{n:040x}") for n in range(count)]
+
+
+def admitting_plugin(host: Host) -> AdmissionPlugin:
+    plugin = host.new_admission_plugin([sys.executable, TEST_PLUGIN, "admit"])
+    plugin.check_admission(pins(1)[0]).result(timeout=60)
+    return plugin
+
+
+def _exit_quietly() -> None:
+    pass  # Exits through multiprocessing's bootstrap, which runs threading's exit hooks.
+
+
+def _use_inherited(host: Host, plugin: AdmissionPlugin) -> int:
+    """0 if a child may neither check nor launch through the parent's host."""
+    for use in (lambda: plugin.check_admission(pins(2)[1]), lambda: host.new_admission_plugin(["x"])):
+        try:
+            use()
+        except RuntimeError:
+            continue
+        return 3
+    host.close()  # does nothing in a child
+    return 0
+
+
+def _fork_and_exit(child: Any) -> dict[str, Any]:
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(child())  # atexit hooks run here
+    _, status = os.waitpid(pid, 0)
+    return {"exitcode": os.waitstatus_to_exitcode(status), "seconds": time.monotonic() - started}
+
+
+def fork() -> dict[str, Any]:
+    host = Host(Config(SERVICE_URL, StaticRepository()))
+    plugin = admitting_plugin(host)
+    report: dict[str, Any] = {}
+
+    started = time.monotonic()
+    worker = multiprocessing.get_context("fork").Process(target=_exit_quietly)
+    worker.start()
+    worker.join(60)
+    report["worker"] = {"exitcode": worker.exitcode, "seconds": time.monotonic() - started}
+    report["child"] = _fork_and_exit(lambda: 0)
+    report["child using the host"] = _fork_and_exit(lambda: _use_inherited(host, plugin))
+
+    error = plugin.check_admission(pins(3)[2]).exception(timeout=60)
+    report["parent check after forks"] = "admitted" if error is None else repr(error)
+    process = plugin.process
+    report["plugin running"] = process is not None and not process.exited.done()
+    host.close()
+    return report
+
+
+def close_in_signal_handler() -> dict[str, Any]:
+    rounds = []
+    for round_number in range(2):
+        host = Host(Config(SERVICE_URL, StaticRepository()))
+        plugin = admitting_plugin(host)
+        every_pin = pins(3000)
+        handed_out: list[Future[None]] = []
+        closed: dict[str, float] = {}
+
+        def close_now(signum: int, frame: Any, host: Host = host, closed: dict[str, float] = closed) -> None:
+            started = time.monotonic()
+            host.close(timeout=2)
+            closed["seconds"] = time.monotonic() - started
+
+        signal.signal(signal.SIGALRM, close_now)
+        signal.setitimer(signal.ITIMER_REAL, 0.3 + 0.2 * round_number)
+        deadline = time.monotonic() + 60
+        while "seconds" not in closed and time.monotonic() < deadline:
+            handed_out.extend(plugin.check_admission(pin) for pin in every_pin)
+            plugin.clear_cache()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        rounds.append(
+            {
+                "close seconds": closed.get("seconds"),
+                "pending after close": sum(not future.done() for future in handed_out),
+            }
+        )
+    return {"rounds": rounds}
+
+
+def interrupt_checks() -> dict[str, Any]:
+    host = Host(Config(SERVICE_URL, StaticRepository()))
+    plugin = admitting_plugin(host)
+    every_pin = pins(200)
+    handed_out: list[Future[None]] = []
+    interrupts = 0
+
+    # Armed only inside the try below, so that no interrupt lands on the
+    # loop's own jumps; disarming is the except clause's first store, which
+    # runs no code where a signal handler could run.
+    armed = False
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if armed:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            armed = True
+            for pin in every_pin:
+                handed_out.append(plugin.check_admission(pin))
+            plugin.clear_cache()
+            armed = False
+        except KeyboardInterrupt:
+            armed = False
+            interrupts += 1
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    # What the cache now holds is what later callers would get.
+    handed_out.extend(plugin.check_admission(pin) for pin in every_pin)
+    host.close()
+    return {"interrupts": interrupts, "pending after close": sum(not future.done() for future in handed_out)}
+
+
+def main(argv: list[str]) -> int:
+    modes = {
+        "fork": fork,
+        "close-in-signal-handler": close_in_signal_handler,
+        "interrupt-checks": interrupt_checks,
+    }
+    print(json.dumps(modes[argv[1]]()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
