@@ -27,7 +27,7 @@ if TYPE_CHECKING:
         PluginAbortedError,
         PluginStartError,
     )
-    from cipdplugin.host import AdmissionPlugin, Host, PluginProcess
+    from cipdplugin.host import AdmissionChain, AdmissionPlugin, Host, PluginProcess
     from cipdplugin.options import ClientOptions, ConfigError, load_client_options
     from cipdplugin.pins import Pin, instance_id_to_object_ref, object_ref_to_instance_id
     from cipdplugin.protocol.cipd_pb2 import (
@@ -50,6 +50,7 @@ _EXPORTS = {
     "InvalidPinError": "cipdplugin.errors",
     "PluginAbortedError": "cipdplugin.errors",
     "PluginStartError": "cipdplugin.errors",
+    "AdmissionChain": "cipdplugin.host",
     "AdmissionPlugin": "cipdplugin.host",
     "Host": "cipdplugin.host",
     "PluginProcess": "cipdplugin.host",
@@ -70,6 +71,7 @@ _EXPORTS = {
 # Kept literal for type checkers; tests/test_light_import.py checks it against _EXPORTS.
 __all__ = [
     "DEFAULT_SERVICE_URL",
+    "AdmissionChain",
     "AdmissionDenied",
     "AdmissionError",
     "AdmissionPlugin",

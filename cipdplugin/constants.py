@@ -40,6 +40,10 @@ REFUSAL_GRACE = 1.0
 #: Bound on ``close()`` waiting for a launch in progress (Popen plus the
 #: server's start); a launch that takes longer is cleaned up by its launcher.
 LAUNCH_JOIN = 2.0
+#: Added to ``Host.close()``'s deadline for the audit log to write what it
+#: still holds: formatting and writing thousands of records takes tens of
+#: milliseconds, and only a sink that hangs needs the rest.
+AUDIT_FLUSH = 0.5
 
 # -- Admission plugins -------------------------------------------------------
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import hashlib
+import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,11 +41,13 @@ from cipdplugin.errors import (
     PluginAbortedError,
     PluginStartError,
 )
+from cipdplugin.host.deadlines import CheckDeadlines, checked_check_timeout
 from cipdplugin.host.process import FORKS, display_name, termination_span
 from cipdplugin.pins import Pin
 from cipdplugin.protocol import PROTOCOL_VERSION, plugin_pb2
 
 if TYPE_CHECKING:
+    from cipdplugin.host.audit import AuditLog
     from cipdplugin.host.host import Host
     from cipdplugin.host.process import PluginProcess
 
@@ -59,8 +63,55 @@ _NO_DEADLINE = Deadline(None)
 class AdmissionFuture(Future[None]):
     """A shared admission promise: callers may wait on it but not cancel it."""
 
+    #: Set on the promises of an audited plugin: told the outcome by the first
+    #: call that settles the promise, just before it resolves, so a check seen
+    #: resolved is already queued for the audit log.
+    on_resolving: Callable[[BaseException | None], None] | None = None
+    #: A settling call took ``on_resolving``: any other settling call loses.
+    _claimed = False
+
     def cancel(self) -> bool:
         return False
+
+    def set_result(self, result: None) -> None:
+        if self.on_resolving is not None or self._claimed:
+            self._claim(None)
+        super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if self.on_resolving is not None or self._claimed:
+            self._claim(exception)
+        super().set_exception(exception)
+
+    def _claim(self, outcome: BaseException | None) -> None:
+        """Make this call the one that settles an audited promise, and record it.
+
+        Calls may race to settle one promise (an answer, a deadline and the
+        funnel): only the first to claim it records its outcome and resolves
+        it, so the record is always the outcome the promise ends with.
+
+        Raises:
+            InvalidStateError: another call claimed the promise first.
+        """
+        with _CLAIMS:
+            hook = self.on_resolving
+            if hook is None:
+                raise InvalidStateError(f"{self!r} is already being settled")
+            self.on_resolving = None
+            self._claimed = True
+        # Outside the lock: the record is queued before the promise resolves,
+        # and no other settling call can resolve it meanwhile.
+        try:
+            hook(outcome)
+        except Exception:
+            # The promise must still resolve: a record is never worth a verdict.
+            logging.getLogger("cipdplugin").exception("cannot record the outcome of a check")
+
+
+#: Guards the claim of audited promises (``on_resolving`` and ``_claimed``).
+#: Re-entrant: Host.close() may run in a signal handler that interrupted a
+#: claim, and settle promises itself.
+_CLAIMS = threading.RLock()
 
 
 class PluginState(enum.Enum):
@@ -157,16 +208,18 @@ class AdmissionPlugin:
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_pending: int = DEFAULT_MAX_PENDING,
+        check_timeout: float | None = None,
     ) -> None:
         """See ``Host.new_admission_plugin``.
 
         Raises:
-            TypeError: ``connect_timeout`` is not a number, or ``max_pending``
-                not an int.
-            ValueError: ``connect_timeout`` is not finite and positive, or
-                ``max_pending`` is below 1.
+            TypeError: ``connect_timeout`` or ``check_timeout`` is not a
+                number, or ``max_pending`` not an int.
+            ValueError: ``connect_timeout`` or ``check_timeout`` is not finite
+                and positive, or ``max_pending`` is below 1.
         """
         self._connect_timeout = checked_timeout(connect_timeout, "connect_timeout")
+        self._check_timeout = checked_check_timeout(check_timeout)
         if isinstance(max_pending, bool) or not isinstance(max_pending, int):
             raise TypeError(f"max_pending must be an int, got {max_pending!r}")
         if max_pending < 1:
@@ -202,6 +255,13 @@ class AdmissionPlugin:
         self._process: PluginProcess | None = None  # once launched
         self._launcher_started = False  # the launcher thread was started
 
+        # Deadlines of sent checks, with check_timeout. Keyed by ID and check:
+        # a pin checked again after clear_cache() has the same ID, and the
+        # first check's deadline must not fail the second.
+        self._deadlines: CheckDeadlines[tuple[str, Check]] | None = None
+        if self._check_timeout is not None:
+            self._deadlines = CheckDeadlines(self._check_timeout, self._check_expired, name=self._name)
+
     @property
     def executable(self) -> str:
         """The plugin's executable, ``cmdline[0]``."""
@@ -220,6 +280,24 @@ class AdmissionPlugin:
     def process(self) -> PluginProcess | None:
         """The plugin's process once launched, else None."""
         return self._process
+
+    @property
+    def host(self) -> Host:
+        """The host this plugin belongs to."""
+        return self._host
+
+    @property
+    def plugin_version(self) -> str:
+        """The version the plugin reported in ListAdmissions; "" until it connected."""
+        connected = self._connected
+        if connected.done() and connected.exception(timeout=0) is None:
+            return connected.result(timeout=0)
+        return ""
+
+    @property
+    def check_timeout(self) -> float | None:
+        """Seconds a sent check may wait for its answer; None: no limit."""
+        return self._check_timeout
 
     def __repr__(self) -> str:
         return f"<AdmissionPlugin {self._name!r} {self._state.value}>"
@@ -271,6 +349,9 @@ class AdmissionPlugin:
                 f"{MAX_MESSAGE_BYTES}-byte message limit of plugins; it was not sent",
             )
         check = Check(admission, AdmissionFuture(), time.monotonic(), None)
+        audit = self._host.audit_log
+        if audit is not None:
+            check.future.on_resolving = functools.partial(self._audit_resolution, audit, pin, check.queued_at)
         launch = False
         with self._lock:
             while True:
@@ -314,6 +395,18 @@ class AdmissionPlugin:
             self._start_launcher()
         return check.future
 
+    def _audit_resolution(
+        self, audit: AuditLog, pin: Pin, queued_at: float, outcome: BaseException | None
+    ) -> None:
+        audit.record_check(
+            pin,
+            outcome,
+            plugin=self._name,
+            plugin_version=self.plugin_version,
+            service_url=self._host.service_url,
+            enqueued=queued_at,
+        )
+
     def clear_cache(self) -> None:
         """Forget resolved promises; pending ones stay shared."""
         with self._lock:
@@ -342,6 +435,8 @@ class AdmissionPlugin:
             # Wait for a launch in progress, within bounds: its launcher
             # terminates a process that comes after this close gave up.
             _first_of(self._launched, timeout=deadline.remaining_or(LAUNCH_JOIN))
+        if self._deadlines is not None:
+            self._deadlines.join(deadline.remaining())
         process = self._process
         if process is not None:
             process.terminate(deadline.remaining())
@@ -371,6 +466,8 @@ class AdmissionPlugin:
             self._queue.clear()
             self._has_work.notify_all()
             self._has_room.notify_all()
+        if self._deadlines is not None:
+            self._deadlines.stop()
         # Outside the lock: Future callbacks run arbitrary code.
         if not self._ended.done():
             self._ended.set_result(error)
@@ -501,6 +598,9 @@ class AdmissionPlugin:
                 check.sent_at = now
                 if check.admission is not None:
                     batch.append(check.admission)
+                    if self._deadlines is not None:
+                        # The deadline counts from the sending, not the queueing.
+                        self._deadlines.arm((check.admission.admission_id, check))
                 # Not kept while the plugin decides: a message holds an arena
                 # of its own, and thousands of them in flight fragment the
                 # heap that cached promises live in.
@@ -545,6 +645,12 @@ class AdmissionPlugin:
         with self._lock:
             check = self._in_flight.pop(admission_id, None)
         if check is None:
+            self._logger.debug(
+                "Plugin '%s': ignoring an answer to admission %s: it came after the check's "
+                "deadline, after the check was settled otherwise, or was never asked",
+                self._name,
+                admission_id,
+            )
             return
         if status is None or status.code == _OK:
             _settle(check.future, None)
@@ -554,3 +660,18 @@ class AdmissionPlugin:
             _settle(
                 check.future, AdmissionError(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message)
             )
+
+    def _check_expired(self, sent: tuple[str, Check]) -> None:
+        """The deadline of a sent check passed: fail it unless it was settled."""
+        admission_id, check = sent
+        with self._lock:
+            if self._in_flight.get(admission_id) is not check:
+                return
+            del self._in_flight[admission_id]
+        _settle(
+            check.future,
+            AdmissionError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"plugin {self._name!r} did not answer within the {self._check_timeout:g} s check timeout",
+            ),
+        )

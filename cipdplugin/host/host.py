@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from cipdplugin.config import Config
-from cipdplugin.constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING, SERVER_STOP
+from cipdplugin.constants import AUDIT_FLUSH, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING, SERVER_STOP
 from cipdplugin.deadline import Deadline
 from cipdplugin.errors import PluginStartError
 from cipdplugin.host.admission import AdmissionPlugin
+from cipdplugin.host.audit import AuditLog, AuditTarget
 from cipdplugin.host.process import FORKS, PluginProcess, display_name, termination_span
 from cipdplugin.host.transport import PluginServer, PluginSession, ServerStartError
 
@@ -37,7 +38,15 @@ class Host:
     launching raises ``RuntimeError``, and the exit hook leaves it alone.
     """
 
-    def __init__(self, config: Config | None = None, *, logger: logging.Logger | None = None, port: int = 0):
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        logger: logging.Logger | None = None,
+        port: int = 0,
+        audit_log: AuditTarget | None = None,
+        enforce: bool = True,
+    ):
         """Create a host; nothing starts until the first plugin is launched.
 
         Args:
@@ -45,8 +54,24 @@ class Host:
                 through ``initialize``.
             logger: where plugin logs and output go (default: ``cipdplugin``).
             port: the loopback port to listen on (default: one the OS picks).
+            audit_log: where each resolved check is recorded as one JSON
+                line: a path (opened in append mode), a text stream, or a
+                callable receiving each record as a dict (see
+                ``cipdplugin.host.audit``). Complete and flushed when
+                ``close()`` returns.
+            enforce: recorded as ``enforced`` in the audit log, and nothing
+                else: verdicts stay as they are. False for callers that
+                only warn about denials.
+
+        Raises:
+            OSError: ``audit_log`` is a path that cannot be opened.
+            TypeError: ``audit_log`` is none of a path, a stream or a callable.
         """
         self.logger = logger or logging.getLogger("cipdplugin")
+        self._audit_log = (
+            None if audit_log is None else AuditLog(audit_log, enforced=enforce, logger=self.logger)
+        )
+        self._enforce = bool(enforce)
         self._server = PluginServer(lambda: self._config, self.logger, port=port)
         self._fork_generation = FORKS.generation
         # Guards the fields below. Re-entrant: close() may run in a signal
@@ -78,6 +103,16 @@ class Host:
         return self._server.port
 
     @property
+    def audit_log(self) -> AuditLog | None:
+        """The audit log checks are recorded in, if any."""
+        return self._audit_log
+
+    @property
+    def enforce(self) -> bool:
+        """Whether verdicts are enforced, as the audit log records it."""
+        return self._enforce
+
+    @property
     def service_url(self) -> str:
         config = self._config
         return config.service_url if config is not None else ""
@@ -107,20 +142,31 @@ class Host:
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_pending: int = DEFAULT_MAX_PENDING,
+        check_timeout: float | None = None,
     ) -> AdmissionPlugin:
         """An admission plugin for ``cmdline``; it starts on its first check.
 
+        ``check_timeout``: a check not answered within that many seconds of
+        being sent to the plugin fails with ``AdmissionError``
+        DEADLINE_EXCEEDED, and a late answer is ignored (None: no limit).
+
         Raises:
             ValueError: ``cmdline`` is not a non-empty list of strings,
-                ``connect_timeout`` is not finite and positive, or
-                ``max_pending`` is below 1.
-            TypeError: ``connect_timeout`` is not a number, or ``max_pending``
-                is not an int.
+                ``connect_timeout`` or ``check_timeout`` is not finite and
+                positive, or ``max_pending`` is below 1.
+            TypeError: ``connect_timeout`` or ``check_timeout`` is not a
+                number, or ``max_pending`` is not an int.
             RuntimeError: the host is closed, or belongs to a parent process.
         """
         cmdline = _checked_cmdline(cmdline)
         self._check_owner()
-        plugin = AdmissionPlugin(self, cmdline, connect_timeout=connect_timeout, max_pending=max_pending)
+        plugin = AdmissionPlugin(
+            self,
+            cmdline,
+            connect_timeout=connect_timeout,
+            max_pending=max_pending,
+            check_timeout=check_timeout,
+        )
         with self._lock:
             if self._closing:
                 raise RuntimeError("the host is closed")
@@ -211,6 +257,9 @@ class Host:
                 thread.join(deadline.remaining_or(span) + SERVER_STOP)
             self._server.stop(SERVER_STOP)
         finally:
+            if self._audit_log is not None:
+                # Last: closing the plugins settled their pending checks.
+                self._audit_log.close(deadline.remaining_or(span) + AUDIT_FLUSH)
             _live_hosts.discard(self)
             self._close_finished.set()
 
