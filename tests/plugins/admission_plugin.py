@@ -31,6 +31,12 @@ Usage: admission_plugin.py MODE [ARG...]. Modes:
 * ``flood-after-exit PID_FILE``: starts a child that writes short lines to
   the inherited stdout without end, admits the first check and exits 7 on
   the second.
+* ``silent PREFIX[,PREFIX...]``: never answers packages under a prefix (until
+  the host stops it); answers the others as ``admit`` does.
+* ``late SECONDS PREFIX[,PREFIX...]``: answers packages under a prefix after
+  SECONDS (admitting them); the others at once, as ``admit`` does.
+* ``deny-prefix PREFIX[,PREFIX...]``: denies packages under a prefix, saying
+  which prefix; admits everything else. Prefixes match at ``/`` boundaries.
 
 The modes with a PID_FILE write the pid of the process that is left behind
 to it (atomically, so a test can poll for the file).
@@ -146,6 +152,20 @@ def main(argv: list[str]) -> int:
             raise admission.Denied(
                 f"{request.service_url} {request.pin} {instance.hash_algo} {instance.hex_digest}"
             )
+        elif mode == "silent":
+            if _under(request.package, args[0]):
+                request.stopping.wait()  # no answer: the host's deadline must act
+                return
+            _admit_by_name(request)
+        elif mode == "late":
+            if _under(request.package, args[1]):
+                time.sleep(float(args[0]))
+                return
+            _admit_by_name(request)
+        elif mode == "deny-prefix":
+            for prefix in args[0].split(","):
+                if _under(request.package, prefix):
+                    raise admission.Denied(f"{request.package} is under {prefix}")
         elif mode == "flood":
             for i in range(int(args[0]) if args else 1000):
                 logging.getLogger("flood").warning("flood record %d", i)
@@ -166,6 +186,10 @@ def _admit_by_name(request: admission.Request) -> None:
 
 def _never_answer(request: admission.Request, info: admission.InstanceInfo) -> None:
     threading.Event().wait()
+
+
+def _under(package: str, prefixes: str) -> bool:
+    return any(package == p or package.startswith(p + "/") for p in prefixes.split(","))
 
 
 def _admit_all(request: admission.Request, info: admission.InstanceInfo) -> None:
