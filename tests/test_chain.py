@@ -147,7 +147,7 @@ def test_futures_are_shared_per_pin_and_clear_cache_forwards(make_host: Callable
     assert second.result(timeout=30) is None
     host.close()
     # Two checks per plugin: clear_cache() reached the plugins too.
-    assert sorted(r["plugin"] for r in records) == sorted([one.name, one.name, two.name, two.name])
+    assert sorted(str(r["plugin"]) for r in records) == sorted([one.name, one.name, two.name, two.name])
 
 
 def test_an_unscoped_pin_is_admitted_and_audited_as_unscoped(make_host: Callable[..., Host]) -> None:
