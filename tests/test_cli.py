@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from cipdplugin.cli import main
+from cipdplugin.cli.report import EXIT_CHECK_FAILED, EXIT_ERROR
 from tests.conftest import REPO_ROOT, SHA256_ID, hex_id, plugin_cmd, wait_until
 
 PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
@@ -700,3 +701,114 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# -- Deadlines, several plugins, the audit log, warn-only ------------------------
+
+
+def plugin_option(mode: str, *args: str) -> str:
+    return json.dumps(plugin_cmd(mode, *args))
+
+
+def test_check_timeout_fails_the_pin_a_plugin_never_answers() -> None:
+    stuck = f"stuck/tool:{hex_id(9)}"
+    result = run_cli(
+        "check",
+        "--plugin",
+        plugin_option("silent", "stuck"),
+        "--check-timeout",
+        "0.5",
+        "--json",
+        stuck,
+        ADMITTED_PIN,
+        DENIED_PIN,
+    )
+    assert result.returncode == EXIT_CHECK_FAILED, result.stderr
+    assert verdicts(result) == [
+        ("error", "DEADLINE_EXCEEDED"),
+        ("admitted", "OK"),
+        ("denied", "FAILED_PRECONDITION"),
+    ]
+    assert "0.5 s check timeout" in report(result)["pins"][0]["message"]
+
+
+def test_three_plugins_with_overlapping_scopes() -> None:
+    pins = [
+        f"{package}:{hex_id(n)}"
+        for n, package in enumerate(["infra/a", "infra/tools/b", "infra/toolsx", "top/c"])
+    ]
+    result = run_cli(
+        "check",
+        "--json",
+        "--plugin",
+        plugin_option("deny-prefix", "infra/a"),
+        "--plugin-scope",
+        "infra",
+        "--plugin",
+        plugin_option("deny-prefix", "infra/tools,infra/toolsx"),
+        "--plugin-scope",
+        "infra/tools",
+        "--plugin",
+        plugin_option("deny-prefix", "top"),
+        *pins,
+    )
+    assert result.returncode == 1, result.stderr
+    entries = report(result)["pins"]
+    assert [entry["verdict"] for entry in entries] == ["denied", "denied", "admitted", "denied"]
+    # infra/toolsx is outside the second plugin's scope, although it would deny it.
+    assert entries[1]["message"] == "plugin 'admission_plugin.py': infra/tools/b is under infra/tools"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--plugin-scope", "infra"], "--plugin-scope must follow the --plugin"),
+        (["--plugin", '["x"]', "--plugin-scope", "a", "--plugin-scope", "b"], "given twice"),
+        (["--plugin", '["x"]', "--plugin-scope", "Infra"], "invalid scope prefix 'Infra'"),
+        (["--plugin", '["x"]', "--plugin-scope", ","], "at least one package prefix"),
+        (["--plugin", '["x"]', "--plugin", "[1]"], "--plugin #2: item 0 must be a string"),
+        (["--plugin", '["x"]', "--check-timeout", "0"], "must be a positive number of seconds"),
+        (["--plugin", '["x"]', "--check-timeout", "inf"], "must be a positive number of seconds"),
+        (["--plugin", '["x"]', "--audit-log", "/nonexistent/dir/audit.jsonl"], "cannot open the audit log"),
+    ],
+)
+def test_bad_pipeline_options_are_usage_errors(args: list[str], expected: str) -> None:
+    result = run_main("check", *args, ADMITTED_PIN)
+    assert result.returncode == EXIT_ERROR
+    assert expected in result.stderr
+    assert result.stdout == ""
+
+
+def test_audit_log_records_every_check(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    result = check("admit", "--audit-log", str(path), ADMITTED_PIN, DENIED_PIN, ERROR_PIN, ADMITTED_PIN)
+    assert result.returncode == EXIT_CHECK_FAILED, result.stderr
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert sorted((r["pin"], r["verdict"], r["enforced"]) for r in records) == sorted(
+        [(ADMITTED_PIN, "admitted", True), (DENIED_PIN, "denied", True), (ERROR_PIN, "error", True)]
+    )
+    assert {r["plugin_version"] for r in records} == {"test-plugin 1.0"}
+    # A second run appends.
+    check("admit", "--audit-log", str(path), "--warn-only", DENIED_PIN)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 4
+    assert (records[-1]["verdict"], records[-1]["enforced"]) == ("denied", False)
+
+
+def test_warn_only_exit_statuses() -> None:
+    only_denied = check("admit", "--warn-only", DENIED_PIN, ADMITTED_PIN)
+    assert only_denied.returncode == 0, only_denied.stderr
+    assert only_denied.stdout.splitlines() == [
+        f"warned    {DENIED_PIN}: deny/tool is denied",
+        f"admitted  {ADMITTED_PIN}",
+    ]
+    as_json = check("admit", "--warn-only", "--json", DENIED_PIN, ADMITTED_PIN)
+    assert as_json.returncode == 0
+    assert verdicts(as_json) == [("warned", "FAILED_PRECONDITION"), ("admitted", "OK")]
+    assert report(as_json)["totals"] == {"admitted": 1, "denied": 0, "warned": 1, "error": 0}
+    # A failed check still fails the run, with the status it has without --warn-only.
+    failed = check("admit", "--warn-only", DENIED_PIN, ERROR_PIN)
+    enforced = check("admit", DENIED_PIN, ERROR_PIN)
+    assert failed.returncode == enforced.returncode != 0
+    assert failed.stdout.splitlines()[0].startswith("warned ")
+    assert check("admit", "--warn-only", "Bad:pin").returncode == enforced.returncode

@@ -22,14 +22,16 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 
 from cipdplugin import (
     DEFAULT_SERVICE_URL,
+    AdmissionChain,
     AdmissionDenied,
     AdmissionError,
+    AdmissionPlugin,
     Config,
     ConfigError,
     Host,
@@ -38,6 +40,7 @@ from cipdplugin import (
 from cipdplugin.cli.inputs import (
     PLUGIN_ENV,
     PinRequest,
+    PluginSpec,
     UsageError,
     parse_pin_argument,
     read_pins_file,
@@ -47,6 +50,7 @@ from cipdplugin.cli.report import (
     DENIED,
     ERROR,
     EXIT_ERROR,
+    WARNED,
     Verdict,
     exit_status,
     json_report,
@@ -79,10 +83,13 @@ per pin is printed to stdout in input order:
 
   admitted  <package>:<instance_id>
   denied    <package>:<instance_id>: <the plugin's reason>
+  warned    <package>:<instance_id>: <the plugin's reason>   (--warn-only)
   error     <package>:<instance_id>: <status code>: <what went wrong>
 
 "denied" is a policy decision of the plugin; "error" means the check itself
-failed (invalid pin, plugin missing or crashed, timeout, ...).
+failed (invalid pin, plugin missing or crashed, timeout, ...). With several
+plugins, a pin is admitted only if every plugin covering it admits it, and
+a denial or error names the plugin.
 """
 
 _EPILOG = f"""\
@@ -97,6 +104,30 @@ plugin command line and backend (as the Go CIPD client finds them):
   {DEFAULT_SERVICE_URL}; $CIPD_PROXY_URL (unix:///path) sends backend
   calls through a local CIPD proxy. -v says where each came from. An invalid
   variable or config file is an error (exit status 2).
+
+several plugins:
+  --plugin may be repeated; each may be followed by --plugin-scope
+  PREFIX[,PREFIX...], the packages it covers (prefixes match at "/":
+  infra/tools covers infra/tools and infra/tools/x, not infra/toolsx).
+  A plugin without a scope covers every package. Every plugin covering a
+  pin is asked at once; a pin no plugin covers is admitted. The environment
+  variable and the config file give one plugin covering every package.
+
+deadlines:
+  --check-timeout SECONDS fails a check (DEADLINE_EXCEEDED) that a plugin
+  has not answered that long after it was sent; the plugin goes on serving
+  the other checks. --timeout bounds the whole run.
+
+audit log:
+  --audit-log FILE appends one JSON line per check a plugin resolved (and
+  per pin no plugin covers, as "unscoped"): ts, pin, package, instance_id,
+  verdict, code, message, plugin, plugin_version, service_url, latency_ms,
+  enforced (false under --warn-only) and host_pid. Read it with jq, e.g.
+    jq -r 'select(.verdict == "denied") | "\\(.ts) \\(.pin) \\(.message)"' FILE
+
+warn-only rollout:
+  --warn-only prints denials as "warned" ("verdict": "warned" in --json)
+  and leaves them out of the exit status; failed checks still fail.
 
 pins:
   PIN arguments are "package:instance_id". --pins-json reads the file that
@@ -114,10 +145,11 @@ metadata:
 --json report (printed to stdout instead of the lines):
   {{"pins": [{{"pin": "<as given>", "package": "<str or null>",
              "instance_id": "<str or null>",
-             "verdict": "admitted" | "denied" | "error",
+             "verdict": "admitted" | "denied" | "warned" | "error",
              "code": "OK" | "<gRPC status code name>", "message": "<str>"}}, ...],
    "totals": {{"admitted": <n>, "denied": <n>, "error": <n>}}}}
-  Pins appear in input order; "message" is "" for admitted pins.
+  Pins appear in input order; "message" is "" for admitted pins. Under
+  --warn-only, "totals" also counts "warned" (and "denied" stays 0).
 
 logging (stderr only):
   by default only warnings and errors (including the plugin's own stderr
@@ -127,7 +159,7 @@ logging (stderr only):
   {PROGRESS_THRESHOLD} pins are checked.
 
 exit status:
-  0  every pin was admitted
+  0  every pin was admitted (or, with --warn-only, admitted or warned)
   1  some pins were denied, and no check failed
   2  usage or configuration error (bad arguments, input files, CIPD_*
      variables or config file): nothing was checked
@@ -194,7 +226,7 @@ def _wait_all(futures: Sequence[Future[None]], deadline: Deadline, progress: Pro
         progress.clear()
 
 
-def _verdict(request: PinRequest, future: Future[None] | None, timeout: float) -> Verdict:
+def _verdict(request: PinRequest, future: Future[None] | None, timeout: float, *, warn_only: bool) -> Verdict:
     if request.pin is None or future is None:
         return Verdict(request, ERROR, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
     if not future.done():
@@ -205,51 +237,85 @@ def _verdict(request: PinRequest, future: Future[None] | None, timeout: float) -
     if error is None:
         return Verdict(request, ADMITTED, grpc.StatusCode.OK, "")
     if isinstance(error, AdmissionDenied):
-        return Verdict(request, DENIED, error.code, error.message)
+        return Verdict(request, WARNED if warn_only else DENIED, error.code, error.message)
     if isinstance(error, AdmissionError):
         return Verdict(request, ERROR, error.code, error.message)
     return Verdict(request, ERROR, grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}")
 
 
+def _open_host(config: Config, audit_log: str | None, warn_only: bool) -> Host:
+    try:
+        return Host(config, audit_log=audit_log, enforce=not warn_only)
+    except OSError as exc:
+        raise UsageError(f"cannot open the audit log {audit_log!r}: {exc.strerror or exc}") from None
+
+
 def check_pins(
     requests: Sequence[PinRequest],
-    cmdline: Sequence[str],
+    plugins: Sequence[PluginSpec],
     config: Config,
     *,
     timeout: float,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    check_timeout: float | None = None,
+    audit_log: str | None = None,
+    warn_only: bool = False,
     progress: Progress | None = None,
     stop_signals: StopSignals | None = None,
 ) -> list[Verdict]:
-    """Check every valid pin with one plugin; one verdict per request, in order.
+    """Check every valid pin with the plugins; one verdict per request, in order.
 
-    Every check is submitted at once. Checks unresolved ``timeout`` seconds
-    after the start become DEADLINE_EXCEEDED errors; the plugin is then
-    terminated, which takes at most a few more seconds. A plugin that has not
-    connected ``connect_timeout`` seconds after its launch fails every check.
-    Never raises for a plugin's failure: that becomes error verdicts. With
-    ``stop_signals``, signals cannot interrupt the closing host; one that
-    arrived meanwhile is raised once it is closed.
+    One unscoped plugin is asked directly; several, or a scoped one, form
+    an ``AdmissionChain``. Every check is submitted at once. Checks
+    unresolved ``timeout`` seconds after the start become DEADLINE_EXCEEDED
+    errors; the plugins are then terminated, which takes at most a few more
+    seconds. A plugin that has not connected ``connect_timeout`` seconds
+    after its launch fails every check it was asked. Never raises for a
+    plugin's failure: that becomes error verdicts. With ``stop_signals``,
+    signals cannot interrupt the closing host; one that arrived meanwhile is
+    raised once it is closed.
+
+    Raises:
+        UsageError: the audit log cannot be opened.
     """
     deadline = Deadline(timeout)
     valid = [request.pin for request in requests if request.pin is not None]
     futures: list[Future[None] | None] = [None] * len(requests)
-    host = Host(config)
+    host = _open_host(config, audit_log, warn_only)
     try:
         if valid:
             # Room for every check, so that submitting never blocks on a slow
             # plugin and the deadline alone bounds the run.
-            plugin = host.new_admission_plugin(
-                cmdline, connect_timeout=connect_timeout, max_pending=len(valid)
+            members = [
+                (
+                    host.new_admission_plugin(
+                        spec.cmdline,
+                        connect_timeout=connect_timeout,
+                        max_pending=len(valid),
+                        check_timeout=check_timeout,
+                    ),
+                    spec.scope,
+                )
+                for spec in plugins
+            ]
+            checker: AdmissionChain | AdmissionPlugin = (
+                members[0][0] if len(members) == 1 and not members[0][1] else AdmissionChain(members)
             )
             for index, request in enumerate(requests):
                 if request.pin is not None:
-                    futures[index] = plugin.check_admission(request.pin)
-            # The first check launched it; the host logs (at debug) when it connects.
-            _logger.info("waiting for the plugin to connect (up to %g s)", connect_timeout)
+                    futures[index] = checker.check_admission(request.pin)
+            # The first check launched them; the host logs (at debug) when each connects.
+            _logger.info(
+                "waiting for the plugin%s to connect (up to %g s)",
+                "s" if len(members) > 1 else "",
+                connect_timeout,
+            )
             _wait_all([f for f in futures if f is not None], deadline, progress)
         # Before the host closes: closing fails whatever is still pending.
-        return [_verdict(request, future, timeout) for request, future in zip(requests, futures, strict=True)]
+        return [
+            _verdict(request, future, timeout, warn_only=warn_only)
+            for request, future in zip(requests, futures, strict=True)
+        ]
     finally:
         if stop_signals is not None:
             stop_signals.defer()
@@ -335,6 +401,39 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+class _PluginAction(argparse.Action):
+    """``--plugin``: appends ``[JSON_LIST, None]``; ``--plugin-scope`` fills in the None."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        entries = list(getattr(namespace, self.dest) or [])
+        entries.append([values, None])
+        setattr(namespace, self.dest, entries)
+
+
+class _ScopeAction(argparse.Action):
+    """``--plugin-scope``: the scope of the ``--plugin`` given just before."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        entries = getattr(namespace, "plugin", None)
+        if not entries:
+            parser.error("--plugin-scope must follow the --plugin it applies to")
+        if entries[-1][1] is not None:
+            parser.error("--plugin-scope was given twice for one --plugin")
+        entries[-1][1] = values
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser and its ``check`` subcommand parser."""
     parser = argparse.ArgumentParser(
@@ -354,8 +453,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     check.add_argument("pins", nargs="*", metavar="PIN", help='a pin, "package:instance_id"')
     check.add_argument(
         "--plugin",
+        action=_PluginAction,
         metavar="JSON_LIST",
-        help=f"the plugin command line as a JSON list of strings (default: ${PLUGIN_ENV})",
+        help=f"a plugin command line as a JSON list of strings; repeatable (default: ${PLUGIN_ENV})",
+    )
+    check.add_argument(
+        "--plugin-scope",
+        action=_ScopeAction,
+        metavar="PREFIX[,PREFIX...]",
+        help="the packages the --plugin just before covers (default: all)",
+    )
+    check.add_argument(
+        "--check-timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="fail a check a plugin has not answered this long after it was sent (default: no limit)",
+    )
+    check.add_argument("--audit-log", metavar="FILE", help="append one JSON line per resolved check to FILE")
+    check.add_argument(
+        "--warn-only",
+        action="store_true",
+        help='report denials as "warned" and leave them out of the exit status; failed checks still fail',
     )
     check.add_argument(
         "--service-url",
@@ -440,7 +558,6 @@ def run_check(
     """
     # Nothing connects before the checks run: only they need closing after.
     sources = resolve_sources(args, environ)
-    cmdline, config = sources.cmdline, sources.config
     if args.pins_json.count("-") > 1:
         raise UsageError('"--pins-json -" may be given only once: standard input is read once')
     requests = [parse_pin_argument(text) for text in args.pins]
@@ -455,15 +572,18 @@ def run_check(
         with sources:
             verdicts = check_pins(
                 requests,
-                cmdline,
-                config,
+                sources.plugins,
+                sources.config,
                 timeout=args.timeout,
                 connect_timeout=args.connect_timeout,
+                check_timeout=args.check_timeout,
+                audit_log=args.audit_log,
+                warn_only=args.warn_only,
                 progress=progress,
                 stop_signals=stop_signals,
             )
     if args.json:
-        stdout.write(json.dumps(json_report(verdicts), indent=2) + "\n")
+        stdout.write(json.dumps(json_report(verdicts, warn_only=args.warn_only), indent=2) + "\n")
     else:
         stdout.writelines(verdict.as_line() + "\n" for verdict in verdicts)
     stdout.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -16,6 +16,7 @@ from cipdplugin import (
     RepositoryFileError,
     StaticRepository,
 )
+from cipdplugin.host.chain import checked_scope
 
 #: The environment variable the Go CIPD client reads its admission plugin from.
 PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
@@ -74,6 +75,44 @@ def parse_plugin_cmdline(text: str, source: str) -> list[str]:
     if not value[0]:
         raise UsageError(f"{source}: the executable (item 0) must not be empty")
     return value
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One plugin to run: its command line, and the package prefixes it covers
+    (empty: every package)."""
+
+    cmdline: tuple[str, ...]
+    scope: tuple[str, ...] = ()
+
+
+def parse_scope(text: str) -> tuple[str, ...]:
+    """The prefixes of ``--plugin-scope PREFIX[,PREFIX...]``.
+
+    Raises:
+        UsageError: no prefix is given, or one is not a package name.
+    """
+    prefixes = [prefix.strip() for prefix in text.split(",")]
+    if not any(prefixes):
+        raise UsageError("--plugin-scope needs at least one package prefix, e.g. 'infra/tools,infra/ci'")
+    try:
+        return checked_scope(prefixes)
+    except ValueError as exc:
+        raise UsageError(f"--plugin-scope {text!r}: {exc}") from None
+
+
+def plugin_specs(options: Sequence[tuple[str, str | None]]) -> list[PluginSpec]:
+    """The plugins of the ``--plugin`` options, each with its ``--plugin-scope``.
+
+    Raises:
+        UsageError: a command line or a scope is malformed.
+    """
+    specs = []
+    for index, (text, scope) in enumerate(options):
+        source = "--plugin" if len(options) == 1 else f"--plugin #{index + 1}"
+        cmdline = parse_plugin_cmdline(text, source)
+        specs.append(PluginSpec(tuple(cmdline), parse_scope(scope) if scope is not None else ()))
+    return specs
 
 
 def plugin_cmdline(option: str | None, environ: Mapping[str, str]) -> list[str]:

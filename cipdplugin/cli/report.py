@@ -21,13 +21,15 @@ EXIT_CHECK_FAILED = 3
 ADMITTED = "admitted"
 DENIED = "denied"
 ERROR = "error"
+#: A denial under ``--warn-only``: reported, but not failing the run.
+WARNED = "warned"
 #: Width of the verdict column of the text report.
 _VERDICT_WIDTH = 10
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of one pin: ``verdict`` is ADMITTED, DENIED or ERROR."""
+    """The outcome of one pin: ``verdict`` is ADMITTED, DENIED, WARNED or ERROR."""
 
     request: PinRequest
     verdict: str
@@ -46,7 +48,7 @@ class Verdict:
 
     def as_line(self) -> str:
         line = f"{self.verdict:<{_VERDICT_WIDTH}}{self.request.text}"
-        if self.verdict == DENIED:
+        if self.verdict in (DENIED, WARNED):
             line += f": {self.message}"
         elif self.verdict == ERROR:
             line += f": {self.code.name}: {self.message}" if self.message else f": {self.code.name}"
@@ -55,7 +57,7 @@ class Verdict:
 
 
 def exit_status(verdicts: Sequence[Verdict]) -> int:
-    """0 if all admitted, 3 if any check failed, else 1 (some denied)."""
+    """0 if all admitted (or only warned), 3 if any check failed, else 1 (some denied)."""
     outcomes = {verdict.verdict for verdict in verdicts}
     if ERROR in outcomes:
         return EXIT_CHECK_FAILED
@@ -64,9 +66,10 @@ def exit_status(verdicts: Sequence[Verdict]) -> int:
     return EXIT_ADMITTED
 
 
-def json_report(verdicts: Sequence[Verdict]) -> dict[str, Any]:
-    """The ``--json`` report (its schema is in the help text)."""
-    totals = dict.fromkeys((ADMITTED, DENIED, ERROR), 0)
+def json_report(verdicts: Sequence[Verdict], *, warn_only: bool = False) -> dict[str, Any]:
+    """The ``--json`` report (its schema is in the help text); totals count
+    ``warned`` pins only under ``--warn-only``."""
+    totals = dict.fromkeys((ADMITTED, DENIED, WARNED, ERROR) if warn_only else (ADMITTED, DENIED, ERROR), 0)
     for verdict in verdicts:
         totals[verdict.verdict] += 1
     return {"pins": [verdict.as_json() for verdict in verdicts], "totals": totals}

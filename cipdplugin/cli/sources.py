@@ -20,7 +20,7 @@ from cipdplugin import (
     load_client_options,
 )
 from cipdplugin.backend import DEFAULT_TIMEOUT
-from cipdplugin.cli.inputs import PLUGIN_ENV, UsageError, load_config, parse_plugin_cmdline
+from cipdplugin.cli.inputs import PLUGIN_ENV, PluginSpec, UsageError, load_config, plugin_specs
 from cipdplugin.options import CONFIG_FILE_ENV, NO_CONFIG_FILE, SERVICE_URL_ENV, normalise_service_url
 
 _log = logging.getLogger("cipdplugin.cli")
@@ -33,10 +33,16 @@ class Sources:
     Close it (or use it as a context manager) to close the backend's connections.
     """
 
-    cmdline: list[str]
+    cmdline: list[str]  # the first plugin's
     config: Config
     origins: list[str] = field(default_factory=list)
     backend: PrpcRepository | None = None
+    #: Every plugin with its scope; by default, ``cmdline`` covering every package.
+    plugins: list[PluginSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.plugins:
+            self.plugins = [PluginSpec(tuple(self.cmdline))]
 
     def __enter__(self) -> Sources:
         return self
@@ -75,7 +81,9 @@ def resolve_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Sou
         if not args.service_url:
             raise UsageError("--service-url must not be empty")
         service_url = normalise_service_url(args.service_url, "--service-url")
-    plugin = parse_plugin_cmdline(args.plugin, "--plugin") if args.plugin is not None else None
+    # Several --plugin options (with scopes) replace the client options' one plugin.
+    specs = plugin_specs(args.plugin) if args.plugin else []
+    plugin = list(specs[0].cmdline) if specs else None
     options = load_client_options(environ, service_url=service_url, admission_plugin=plugin)
     if not options.admission_plugin:
         read = f"{options.config_file} has none" if options.config_file else "none was read"
@@ -84,14 +92,18 @@ def resolve_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Sou
             f"plugins.admission in the CIPD config file ({read})"
         )
     cmdline = list(options.admission_plugin)
+    specs = specs or [PluginSpec(tuple(cmdline))]
 
+    origin = _plugin_origin(args, environ, options.config_file)
     origins = [
-        f"plugin command from {_plugin_origin(args, environ, options.config_file)}: {cmdline}",
-        f"service URL {options.service_url} from {_url_origin(args, environ)}",
+        f"plugin command from {origin}: {list(spec.cmdline)}"
+        + (f", for packages under {', '.join(spec.scope)}" if spec.scope else "")
+        for spec in specs
     ]
+    origins.append(f"service URL {options.service_url} from {_url_origin(args, environ)}")
     if args.metadata is not None:
         origins.append(f"metadata from {args.metadata}")
-        return Sources(cmdline, load_config(options.service_url, args.metadata), origins)
+        return Sources(cmdline, load_config(options.service_url, args.metadata), origins, plugins=specs)
 
     credentials = "with luci-auth credentials"
     if args.no_auth:
@@ -106,11 +118,11 @@ def resolve_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Sou
     backend = PrpcRepository.from_options(options, token_source=token_source, timeout=timeout)
     via = f" through the CIPD proxy {options.proxy_url}" if options.proxy_url else ""
     origins.append(f"metadata from the backend{via}, {credentials}")
-    return Sources(cmdline, Config(options.service_url, backend), origins, backend)
+    return Sources(cmdline, Config(options.service_url, backend), origins, backend, specs)
 
 
 def _plugin_origin(args: argparse.Namespace, environ: Mapping[str, str], config_file: str | None) -> str:
-    if args.plugin is not None:
+    if args.plugin:
         return "--plugin"
     # The variable alone, as the options read it (``[]`` and ``null`` name no plugin).
     alone = {PLUGIN_ENV: environ.get(PLUGIN_ENV, ""), CONFIG_FILE_ENV: NO_CONFIG_FILE}
