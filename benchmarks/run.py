@@ -29,11 +29,13 @@ import contextlib
 import functools
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -50,7 +52,8 @@ import psutil
 from benchmarks.bare import cpu_seconds
 from benchmarks.bare import run_burst as bare_burst
 from benchmarks.startup import FLOOR_IMPORT, SDK_IMPORT, FirstVerdictHost, StartupError, import_seconds
-from cipdplugin import Config, Host, Pin
+from cipdplugin import AdmissionChain, AdmissionDenied, Config, Host, Pin
+from cipdplugin.host.audit import AuditLog
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -66,7 +69,7 @@ PYTHON_ONLY_COMMAND = [sys.executable, "-c", "import os; os.write(1, b'.')"]
 WAIT_LIMIT = 300.0
 #: Bare-gRPC peers measured: answering inline, and from a small thread pool.
 BARE_VARIANTS = {"inline": 0, "pool-4": 4}
-SECTIONS = ("startup", "throughput", "cold-start", "shutdown", "memory", "process-per-pin")
+SECTIONS = ("startup", "throughput", "cold-start", "shutdown", "memory", "process-per-pin", "pipeline")
 
 # The targets, as ratios or bounds within one run.
 TARGET_THROUGHPUT_RATIO = 0.7
@@ -85,6 +88,10 @@ TARGET_BYTES_PER_CACHED_CHECK = 2048
 #: on fragmentation (CPython frees a 1 MiB arena only once it is empty) and
 #: on glibc keeping freed chunks until malloc_trim.
 TARGET_MEMORY_RETURNED = 0.95
+#: The audit log may cost at most this share of steady throughput.
+TARGET_AUDIT_COST = 0.05
+#: Plugins of the chain compared with one plugin (each covers every pin).
+CHAIN_SIZE = 3
 
 
 class BenchmarkError(RuntimeError):
@@ -107,6 +114,7 @@ class Settings:
     traced_checks: int  # checks of the tracemalloc part of the memory measurement
     process_per_pin: int  # pins run one process each
     startup_repeat: int
+    pipeline_size: int  # checks per burst of the audit log and chain figures
 
     def repeats_for(self, size: int) -> int:
         return self.repeat_large if size in self.large_sizes else self.repeat
@@ -281,6 +289,96 @@ def measure_throughput(settings: Settings, results: Results) -> None:
                 log(f"  {size:>7} pins  {name:<28} rep {repetition + 1}: {rate:8.0f} checks/s")
         del pins
         gc.collect()
+
+
+# -- Pipelines: the audit log and chains ---------------------------------------------
+
+
+def pipeline_burst(pins: list[Pin], *, chain: int, audit: Path | None) -> dict[str, float]:
+    """One steady burst through ``chain`` plugins (1: the plugin itself, no
+    chain), with an audit log to ``audit`` or none. Measured until every
+    check has resolved and, with an audit log, until ``close()`` has
+    flushed every line of it."""
+    if audit is not None:
+        audit.unlink(missing_ok=True)
+    host = Host(Config(SERVICE_URL), audit_log=None if audit is None else str(audit))
+    try:
+        plugins = [host.new_admission_plugin(ADMIT_PLUGIN) for _ in range(chain)]
+        for future in [plugin.check_admission(warm_up_pin(i)) for i, plugin in enumerate(plugins)]:
+            expect_admitted(future)
+        checker = plugins[0] if chain == 1 else AdmissionChain(plugins)
+        me, processes = psutil.Process(), plugin_processes()
+        host_cpu, plugin_cpu = cpu_seconds(me), children_cpu(processes)
+        start = time.perf_counter()
+        futures = [checker.check_admission(pin) for pin in pins]
+        for future in futures:
+            expect_admitted(future)
+        if audit is not None:
+            assert host.audit_log is not None
+            host.audit_log.close()  # the writes are part of the cost
+        elapsed = time.perf_counter() - start
+        host_cpu = cpu_seconds(me) - host_cpu
+        plugin_cpu = children_cpu(processes) - plugin_cpu
+    finally:
+        host.close()
+    if audit is not None:
+        with open(audit, encoding="utf-8") as lines:
+            written = sum(1 for _ in lines)
+        expected = (len(pins) + 1) * chain  # one line per plugin asked, warm-up included
+        if written != expected:
+            raise BenchmarkError(f"the audit log holds {written} lines, expected {expected}")
+    return {
+        "seconds": elapsed,
+        "host_cpu_us_per_check": host_cpu / len(pins) * 1e6,
+        "plugin_cpu_us_per_check": plugin_cpu / len(pins) * 1e6,
+    }
+
+
+def audit_record_seconds(count: int, path: Path) -> float:
+    """Host CPU seconds per record of the audit log alone: queueing on the
+    resolving thread, formatting and writing on the writer thread, with
+    close() flushing; to a file, in this process, without plugins."""
+    path.unlink(missing_ok=True)
+    audit = AuditLog(str(path), logger=logging.getLogger("cipdplugin.bench"))
+    pins = make_pins(count, offset=3 << 32)
+    denied = AdmissionDenied("not on the allowlist")
+    me = psutil.Process()
+    started, cpu = time.monotonic(), cpu_seconds(me)
+    for n, pin in enumerate(pins):
+        audit.record_check(
+            pin,
+            denied if n % 10 == 0 else None,
+            plugin="plugins.py",
+            plugin_version="benchmark-plugin 1.0",
+            service_url=SERVICE_URL,
+            enqueued=started,
+        )
+    audit.close()
+    return (cpu_seconds(me) - cpu) / count
+
+
+def measure_pipeline(settings: Settings, results: Results) -> None:
+    size = settings.pipeline_size
+    pins = make_pins(size, offset=2 << 32)
+    audit = Path(tempfile.mkdtemp(prefix="cipdplugin-bench-")) / "audit.jsonl"
+    runs: list[tuple[str, Callable[[], dict[str, float]]]] = [
+        ("1-plugin", functools.partial(pipeline_burst, pins, chain=1, audit=None)),
+        ("1-plugin.audit-log", functools.partial(pipeline_burst, pins, chain=1, audit=audit)),
+        (f"{CHAIN_SIZE}-plugin-chain", functools.partial(pipeline_burst, pins, chain=CHAIN_SIZE, audit=None)),
+    ]
+    try:
+        for repetition in range(settings.repeat):
+            for name, run in runs:
+                details = run()
+                rate = size / details["seconds"]
+                results.get(f"pipeline.{name}.{size}", "checks/s").add(rate, **details)
+                log(f"  {size:>7} pins  {name:<28} rep {repetition + 1}: {rate:8.0f} checks/s")
+            per_record = audit_record_seconds(size * 5, audit) * 1e6
+            results.get("pipeline.audit_log.cpu_per_record", "us").add(per_record)
+            log(f"  audit log alone rep {repetition + 1}: {per_record:.1f} us CPU per record")
+    finally:
+        audit.unlink(missing_ok=True)
+        audit.parent.rmdir()
 
 
 # -- Cold start --------------------------------------------------------------------
@@ -570,6 +668,42 @@ def judge(settings: Settings, results: Results) -> None:
                 f"SIGKILL at the 5 s deadline; {survivors:.0f} processes outlived close()",
             )
         )
+    size = settings.pipeline_size
+    plain, audited = f"pipeline.1-plugin.{size}", f"pipeline.1-plugin.audit-log.{size}"
+    record = "pipeline.audit_log.cpu_per_record"
+    if results.has(plain) and results.has(audited) and results.has(record):
+        # The host is what limits steady throughput (the plugin has a core of
+        # its own), so the log's CPU per record, times the checks per second
+        # without it, is the share of throughput it takes. The paired bursts
+        # with and without the log are shown beside it: on a shared 2-core
+        # machine their difference is mostly noise.
+        per_record = results.measurements[record].median
+        rate = results.measurements[plain].median
+        cost = per_record * 1e-6 * rate
+        pairs = zip(results.measurements[plain].values, results.measurements[audited].values, strict=True)
+        paired = statistics.median(1 - a / p for p, a in pairs)
+        results.targets.append(
+            Target(
+                "audit log cost, share of steady throughput",
+                "share",
+                cost,
+                TARGET_AUDIT_COST,
+                cost <= TARGET_AUDIT_COST,
+                f"{per_record:.1f} us CPU per record at {rate:.0f} checks/s; paired bursts: "
+                f"{results.measurements[audited].median:.0f}/s with the log (cost {paired:+.1%})",
+            )
+        )
+    chain = f"pipeline.{CHAIN_SIZE}-plugin-chain.{size}"
+    if results.has(plain) and results.has(chain):
+        ratio = results.measurements[chain].median / results.measurements[plain].median
+        results.notes["pipeline"] = {
+            "chain_vs_one_plugin": ratio,
+            "chain": f"{CHAIN_SIZE} plugins of one host, each covering every pin, so each pin costs "
+            f"{CHAIN_SIZE} checks; compared with one plugin alone, in pins per second",
+            "summary": f"{CHAIN_SIZE}-plugin chain vs one plugin: {ratio:.2f}x pins/s "
+            f"({results.measurements[chain].median:.0f}/s vs {results.measurements[plain].median:.0f}/s); "
+            f"each pin is {CHAIN_SIZE} checks, so {ratio * CHAIN_SIZE:.2f}x in checks/s",
+        }
     if results.has("memory.rss_per_cached_check"):
         per_check = results.measurements["memory.rss_per_cached_check"].median
         heap = results.measurements["memory.python_heap_per_cached_check"].median
@@ -603,6 +737,8 @@ def format_number(value: float, unit: str) -> str:
         return f"{value:,.0f}/s"
     if unit == "s":
         return f"{value * 1e3:,.1f} ms"
+    if unit == "us":
+        return f"{value:,.1f} us"
     if unit == "B":
         return f"{value:,.0f} B"
     if unit == "share":
@@ -660,6 +796,9 @@ def print_table(results: Results) -> None:
         for target in results.targets
     ]
     print(render(target_rows, ["target", "value", "bound", "verdict", "detail"], {1, 2}))
+    if "pipeline" in results.notes:
+        print()
+        print(results.notes["pipeline"]["summary"])
 
 
 def machine_info() -> dict[str, Any]:
@@ -728,6 +867,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             traced_checks=5_000,
             process_per_pin=10,
             startup_repeat=max(repeat, 7),
+            pipeline_size=2_000,
         )
     repeat = args.repeat or 3
     return Settings(
@@ -743,6 +883,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         traced_checks=10_000,
         process_per_pin=200,
         startup_repeat=max(repeat, 15),
+        pipeline_size=10_000,
     )
 
 
@@ -761,6 +902,7 @@ def main(argv: list[str] | None = None) -> int:
         "process-per-pin": measure_process_per_pin,
         "throughput": measure_throughput,
         "memory": measure_memory,
+        "pipeline": measure_pipeline,
     }
     try:
         for section, step in steps.items():
