@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import calendar
+import contextlib
+import functools
 import io
 import json
 import logging
@@ -12,14 +14,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cipdplugin import Config, Host, Pin, StaticRepository
-from cipdplugin.host.audit import format_timestamp
+from cipdplugin import AdmissionDenied, Config, Host, Pin, StaticRepository
+from cipdplugin.host import AdmissionFuture
+from cipdplugin.host.audit import AuditLog, format_timestamp
 from tests.conftest import SERVICE_URL, ResourceSnapshot, assert_no_leaks, hex_id, plugin_cmd, wait_until
 
 FIELDS = [
@@ -283,3 +286,46 @@ def test_records_are_written_while_the_host_runs(make_host: Callable[..., Host],
     host = make_host(audit_log=str(path))
     host.new_admission_plugin(plugin_cmd("admit")).check_admission(Pin("ok/a", hex_id(1))).result(timeout=30)
     assert wait_until(lambda: path.read_text(encoding="utf-8").count("\n") == 1)
+
+
+def test_racing_settlers_record_exactly_the_outcome_that_wins() -> None:
+    # An answer and a deadline may settle one check at once: the record must
+    # be the one outcome the promise ends with, written once.
+    records: list[dict[str, Any]] = []
+    audit = AuditLog(records.append, logger=logging.getLogger("cipdplugin"))
+    futures = []
+    for n in range(300):
+        future = AdmissionFuture()
+        future.on_resolving = functools.partial(
+            audit.record_check,
+            Pin("ok/a", hex_id(n)),
+            plugin="p",
+            plugin_version="1",
+            service_url="",
+            enqueued=time.monotonic(),
+        )
+        futures.append(future)
+    start = threading.Barrier(2)
+
+    def settle(outcome: BaseException | None) -> None:
+        start.wait(10)
+        for future in futures:
+            with contextlib.suppress(InvalidStateError):
+                if outcome is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(outcome)
+
+    threads = [
+        threading.Thread(target=settle, args=(None,)),
+        threading.Thread(target=settle, args=(AdmissionDenied("no"),)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    audit.close()
+    assert len(records) == len(futures)
+    verdicts = {record["instance_id"]: record["verdict"] for record in records}
+    for n, future in enumerate(futures):
+        assert verdicts[hex_id(n)] == ("admitted" if future.exception(timeout=0) is None else "denied")
