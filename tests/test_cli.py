@@ -809,6 +809,6 @@ def test_warn_only_exit_statuses() -> None:
     # A failed check still fails the run, with the status it has without --warn-only.
     failed = check("admit", "--warn-only", DENIED_PIN, ERROR_PIN)
     enforced = check("admit", DENIED_PIN, ERROR_PIN)
-    assert failed.returncode == enforced.returncode != 0
+    assert failed.returncode == enforced.returncode == EXIT_CHECK_FAILED
     assert failed.stdout.splitlines()[0].startswith("warned ")
     assert check("admit", "--warn-only", "Bad:pin").returncode == enforced.returncode
