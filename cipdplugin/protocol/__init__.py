@@ -1,9 +1,12 @@
-"""The CIPD plugin wire protocol: ``.proto`` sources and their generated modules.
+"""The CIPD plugin wire protocol: ``.proto`` sources and the modules built from them.
 
 ``cipd_pb2`` holds the shared repository messages (package ``cipd``),
-``plugin_pb2`` the plugin protocol (package
-``cipd.plugin``), ``config_pb2`` the CIPD client's configuration file
-(package ``cipd.client.config``). Regenerate them with ``make protos``.
+``plugin_pb2`` the plugin protocol (package ``cipd.plugin``), ``config_pb2``
+the CIPD client's configuration file (package ``cipd.client.config``).
+Regenerate them with ``make protos``: each registers its file's descriptor
+and builds the message classes when imported, on every supported protobuf
+(4.25 to 7). The services have no generated stubs: both sides build their
+calls and handlers from the method paths below.
 """
 
 from cipdplugin.protocol import cipd_pb2, plugin_pb2
