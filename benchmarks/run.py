@@ -10,7 +10,8 @@ Every figure is the median of several repetitions, and every repetition of
 a figure runs right beside the same repetition of its baseline, so that a
 busy machine slows both alike. A full run writes ``benchmarks/results.json``
 (machine, every repetition, medians, target verdicts); ``--quick`` is a
-smoke run with small sizes that writes nothing unless ``--output`` is given.
+smoke run with small sizes; it, and a run of some ``--sections`` only, writes
+nothing unless ``--output`` is given.
 
 The baselines:
 
@@ -916,7 +917,9 @@ def main(argv: list[str] | None = None) -> int:
     info["duration_seconds"] = round(time.perf_counter() - started, 1)
     judge(settings, results)
     print_table(results)
-    output = args.output or (None if args.quick else BENCH_DIR / "results.json")
+    # results.json is the last full run: a quick or partial run writes only where told.
+    full_run = not args.quick and set(sections) == set(SECTIONS)
+    output = args.output or (BENCH_DIR / "results.json" if full_run else None)
     if output is not None:
         write_json(output, settings, results, info)
         print(f"\nwrote {output}")
