@@ -6,6 +6,11 @@ INTERNAL, as later releases do, but leaves the connection's socket open after
 the server stops: one descriptor leaked for every plugin that ever sent a
 malformed message. So the handlers built here take the raw bytes through
 gRPC, parse them in the handler, and fail the call with the same status.
+
+Only the parse error's text is kept, never the exception: its traceback
+holds grpcio's frames, and through them the call, in a reference cycle; on
+grpcio 1.60 the connection's socket then stays open until the cycle
+collector happens to run.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ HandlerKind = Callable[..., "grpc.RpcMethodHandler[Any, Any]"]
 class _Malformed:
     """What a request that does not parse becomes, until its handler fails the call."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: str) -> None:
         self.error = error
 
 
@@ -39,7 +44,7 @@ def method_handler(
         try:
             return request_type.FromString(data)
         except Exception as exc:  # as broad as grpcio's own deserialization
-            return _Malformed(exc)
+            return _Malformed(str(exc))
 
     def handle(request: Message | _Malformed, context: grpc.ServicerContext) -> Any:
         if isinstance(request, _Malformed):
