@@ -130,12 +130,15 @@ def interrupt_checks() -> dict[str, Any]:
     interrupts = 0
 
     # Armed only inside the try below, so that no interrupt lands on the
-    # loop's own jumps; disarming is the except clause's first store, which
-    # runs no code where a signal handler could run.
+    # loop's own jumps. The handler disarms itself as it raises: on Python
+    # 3.10 a signal handler may run before the except clause's first store,
+    # and a second interrupt there would escape the try.
     armed = False
 
     def interrupt(signum: int, frame: Any) -> None:
+        nonlocal armed
         if armed:
+            armed = False
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGALRM, interrupt)
