@@ -17,11 +17,12 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 from google.rpc import status_pb2
@@ -69,6 +70,8 @@ class AdmissionFuture(Future[None]):
     on_resolving: Callable[[BaseException | None], None] | None = None
     #: A settling call took ``on_resolving``: any other settling call loses.
     _claimed = False
+    #: The pin this promise answers, once its plugin has cached it.
+    pin: Pin | None = None
 
     def cancel(self) -> bool:
         return False
@@ -154,6 +157,14 @@ class Refusal:
     message: str
     final: bool = False
     answered: Future[None] = field(default_factory=Future, compare=False)
+
+
+class Verdict(NamedTuple):
+    """What the cache keeps of a settled check: its outcome, and its promise
+    for as long as anyone else holds it."""
+
+    promise: weakref.ref[AdmissionFuture]
+    outcome: BaseException | None  # None: admitted
 
 
 def admission_id(admission: plugin_pb2.Admission, salt: bytes) -> str:
@@ -248,7 +259,15 @@ class AdmissionPlugin:
         self._has_room = threading.Condition(self._lock)  # queue has room, or state changed
         self._state = PluginState.NOT_STARTED
         self._failure: AdmissionError | None = None  # why, once BROKEN or CLOSED
-        self._promises: dict[Pin, AdmissionFuture] = {}  # the cache, by pin
+        # The cache, by pin. A settled promise moves from _promises to
+        # _verdicts, which holds it weakly: a resolved Future costs over 1.5 KiB
+        # (its Condition, RLock and waiter deque), its outcome a few bytes, and
+        # a promise nobody holds can be rebuilt from its outcome without anyone
+        # telling the difference. One that somebody holds is handed out again.
+        self._promises: dict[Pin, AdmissionFuture] = {}  # pending
+        self._verdicts: dict[Pin, Verdict] = {}  # settled
+        # One bound method for every promise's callback list, not one each.
+        self._verdict_keeper = self._keep_verdict
         self._in_flight: dict[str, Check] = {}  # unsettled, by admission ID
         self._queue: deque[Check] = deque()  # not yet sent to the plugin
         self._stream_claimed = False  # ListAdmissions was called once
@@ -324,7 +343,7 @@ class AdmissionPlugin:
         """
         if not isinstance(pin, Pin):
             pin = Pin.parse(pin)
-        future = self._promises.get(pin)  # one dict lookup: atomic, no lock needed
+        future = self._cached(pin)
         if future is not None:
             return future
         if self._fork_generation != FORKS.generation:
@@ -349,13 +368,15 @@ class AdmissionPlugin:
                 f"{MAX_MESSAGE_BYTES}-byte message limit of plugins; it was not sent",
             )
         check = Check(admission, AdmissionFuture(), time.monotonic(), None)
+        check.future.pin = pin
+        check.future.add_done_callback(self._verdict_keeper)
         audit = self._host.audit_log
         if audit is not None:
             check.future.on_resolving = functools.partial(self._audit_resolution, audit, pin, check.queued_at)
         launch = False
         with self._lock:
             while True:
-                cached = self._promises.get(pin)
+                cached = self._cached(pin)
                 if cached is not None:
                     return cached
                 if oversized or self._state not in _ALIVE or len(self._queue) < self._max_pending:
@@ -410,7 +431,49 @@ class AdmissionPlugin:
     def clear_cache(self) -> None:
         """Forget resolved promises; pending ones stay shared."""
         with self._lock:
-            self._promises = {pin: f for pin, f in self._promises.items() if not f.done()}
+            # list(): one C call, which a signal handler settling promises
+            # (and so moving them to _verdicts) cannot interrupt.
+            self._promises = {pin: f for pin, f in list(self._promises.items()) if not f.done()}
+            self._verdicts = {}
+            # A dict keeps the table of its largest size; a copy of the few
+            # checks still in flight gives a burst's table back.
+            self._in_flight = dict(self._in_flight)
+
+    def _cached(self, pin: Pin) -> AdmissionFuture | None:
+        """The promise cached for ``pin``, or None; takes no lock on a hit."""
+        # Single dict lookups and weakref calls are atomic.
+        future = self._promises.get(pin)
+        if future is not None:
+            return future
+        verdict = self._verdicts.get(pin)
+        if verdict is None:
+            return None
+        future = verdict.promise()
+        if future is not None:
+            return future
+        with self._lock:
+            # Under the lock, so that two callers rebuilding at once get the
+            # same promise.
+            verdict = self._verdicts.get(pin)
+            if verdict is None:
+                return self._promises.get(pin)
+            future = verdict.promise()
+            if future is None:
+                future = AdmissionFuture()
+                # A fresh promise runs no callback and records no audit line
+                # as it resolves: safe under the lock, and a cache hit.
+                _settle(future, verdict.outcome)
+                self._verdicts[pin] = Verdict(weakref.ref(future), verdict.outcome)
+            return future
+
+    def _keep_verdict(self, future: Future[None]) -> None:
+        """A cached promise settled: move it from the pending to the settled cache."""
+        assert isinstance(future, AdmissionFuture) and future.pin is not None
+        pin = future.pin
+        with self._lock:
+            if self._promises.get(pin) is future:
+                del self._promises[pin]
+                self._verdicts[pin] = Verdict(weakref.ref(future), future.exception(timeout=0))
 
     def begin_close(self) -> None:
         """The part of ``close()`` that never waits: fail pending checks at once.
@@ -461,7 +524,7 @@ class AdmissionPlugin:
             self._state = state
             self._failure = error
             rejected = [check.future for check in self._in_flight.values()]
-            rejected += [future for future in self._promises.values() if not future.done()]
+            rejected += [future for future in list(self._promises.values()) if not future.done()]
             self._in_flight.clear()
             self._queue.clear()
             self._has_work.notify_all()
