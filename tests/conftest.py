@@ -101,8 +101,12 @@ def hex_id(n: int) -> str:
     return f"{n:040x}"
 
 
+#: The type of the ``make_host`` fixture.
+HostFactory = Callable[..., Host]
+
+
 @pytest.fixture
-def make_host() -> Iterator[Callable[..., Host]]:
+def make_host() -> Iterator[HostFactory]:
     """Make hosts that are closed when the test ends, whatever happens."""
     hosts: list[Host] = []
 

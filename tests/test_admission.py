@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, wait
 from pathlib import Path
@@ -18,7 +17,6 @@ from cipdplugin import (
     AdmissionDenied,
     AdmissionError,
     Config,
-    Host,
     InstanceMetadata,
     ListMetadataRequest,
     ListMetadataResponse,
@@ -33,6 +31,7 @@ from tests.conftest import (
     CLOSE_MARGIN,
     SERVICE_URL,
     FailingRepository,
+    HostFactory,
     ResourceSnapshot,
     assert_no_leaks,
     hex_id,
@@ -45,7 +44,6 @@ from tests.conftest import (
     wait_until,
 )
 
-HostFactory = Callable[..., Host]
 PIN = Pin("a/b", hex_id(1))
 
 

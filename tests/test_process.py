@@ -17,14 +17,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 
 from cipdplugin import (
-    Host,
     PluginAbortedError,
     PluginProcess,
     PluginStartError,
@@ -36,6 +34,7 @@ from tests.conftest import (
     GENERIC_PLUGIN,
     REPO_ROOT,
     SERVICE_URL,
+    HostFactory,
     Records,
     ResourceSnapshot,
     assert_all_gone,
@@ -49,7 +48,6 @@ from tests.conftest import (
     wait_until,
 )
 
-HostFactory = Callable[..., Host]
 #: A plugin run under an interpreter is named after its script.
 PLUGIN_NAME = GENERIC_PLUGIN.name
 

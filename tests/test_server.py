@@ -12,7 +12,6 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -39,6 +38,7 @@ from tests.conftest import (
     REPO_ROOT,
     SERVICE_URL,
     FailingRepository,
+    HostFactory,
     Records,
     ResourceSnapshot,
     assert_no_leaks,
@@ -54,7 +54,6 @@ from tests.conftest import (
     zombies,
 )
 
-HostFactory = Callable[..., Host]
 #: A plugin run under an interpreter is named after its script.
 PLUGIN_NAME = GENERIC_PLUGIN.name
 METHODS = ("Log", "ListMetadata", "ListAdmissions", "ResolveAdmission")

@@ -398,6 +398,9 @@ class PluginServer:
                 if batch is None:
                     break
                 yield from batch
+                # Not kept while the next wait blocks: a burst's last batch
+                # would otherwise stay alive as long as the stream idles.
+                del batch
         finally:
             plugin.on_disconnected()
         if context.is_active():
