@@ -109,4 +109,6 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    # The public names and the module's dunders, not the helpers this module
+    # imports for itself (importlib, typing).
+    return sorted({*_EXPORTS, *(name for name in globals() if name.startswith("__"))})

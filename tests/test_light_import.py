@@ -62,6 +62,7 @@ def test_dir_shows_exports_before_they_load() -> None:
     names = set(json.loads(result.stdout))
     assert set(cipdplugin.__all__) <= names
     assert "__version__" in names
+    assert not {"importlib", "Any", "TYPE_CHECKING"} & names
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:
