@@ -27,6 +27,7 @@ from cipdplugin import (
     PluginProcess,
     PluginStartError,
 )
+from cipdplugin.constants import KILL_DEADLINE
 from cipdplugin.host import process as process_module
 from cipdplugin.host.process import display_name
 from tests.conftest import (
@@ -268,7 +269,10 @@ def test_output_flood_after_the_plugin_exits(
     assert records.count("keeps writing to its output") <= 1
     assert psutil.Process(flooder).is_running()
     # The plugin is gone: close() need not wait for it, only end the flooder.
-    assert timed(host.close) < CLOSE_MARGIN
+    # It takes milliseconds; the bound only says it did not run to its limit
+    # (before the fix it did, and the flooder survived), with room for a
+    # loaded machine.
+    assert timed(host.close) < KILL_DEADLINE
     assert_all_gone({flooder})
     assert_no_leaks(baseline)
 
