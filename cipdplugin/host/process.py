@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 
 import psutil
@@ -261,14 +261,10 @@ class PluginProcess:
         # Signalled even if the plugin left: what it started must not outlive it.
         family = self._signal_everyone(family, signal.SIGTERM)
         self.done.wait(deadline.remaining())
-        alive = [p for p in family if _is_running(p)]
-        if alive:
-            psutil.wait_procs(alive, timeout=deadline.remaining())
+        _wait_until_dead(family, deadline)
         family = self._signal_everyone(self._remember_family(), signal.SIGKILL)
         self.done.wait(KILL_SETTLE)
-        alive = [p for p in family if _is_running(p)]
-        if alive:
-            psutil.wait_procs(alive, timeout=KILL_SETTLE)
+        _wait_until_dead(family, Deadline(KILL_SETTLE))
         self._remember_family()  # Forget those that are gone.
         return self.returncode
 
@@ -421,6 +417,23 @@ def _pidfd_open(pid: int) -> int | None:
     except OSError:
         return None
     return fd
+
+
+#: How often _wait_until_dead looks for processes that died but were not reaped.
+_ZOMBIE_RECHECK = 0.05
+
+
+def _wait_until_dead(processes: Iterable[psutil.Process], deadline: Deadline) -> None:
+    """Return once none of ``processes`` runs (a zombie counts as dead), or at ``deadline``.
+
+    ``psutil.wait_procs`` alone waits for a process to vanish: an orphan that
+    died stays a zombie until its new parent reaps it, which some init
+    processes (in containers, say) do late or never.
+    """
+    alive = [p for p in processes if _is_running(p)]
+    while alive and not deadline.expired():
+        psutil.wait_procs(alive, timeout=deadline.remaining_or(_ZOMBIE_RECHECK))
+        alive = [p for p in alive if _is_running(p)]
 
 
 def _is_running(process: psutil.Process) -> bool:
