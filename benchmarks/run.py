@@ -52,7 +52,14 @@ import psutil
 
 from benchmarks.bare import cpu_seconds
 from benchmarks.bare import run_burst as bare_burst
-from benchmarks.startup import FLOOR_IMPORT, SDK_IMPORT, FirstVerdictHost, StartupError, import_seconds
+from benchmarks.startup import (
+    FLOOR_IMPORT,
+    SDK_IMPORT,
+    FirstVerdictHost,
+    StartupError,
+    import_seconds,
+    ready_seconds,
+)
 from cipdplugin import AdmissionChain, AdmissionDenied, Config, Host, Pin
 from cipdplugin.host.audit import AuditLog
 
@@ -394,18 +401,6 @@ def first_check_seconds() -> float:
         return time.perf_counter() - start
     finally:
         host.close()
-
-
-def ready_seconds(command: list[str]) -> float:
-    """Time from starting ``command`` to the first byte it writes to stdout."""
-    start = time.perf_counter()
-    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
-        assert process.stdout is not None
-        ready = process.stdout.read(1)
-        elapsed = time.perf_counter() - start
-        if process.wait(WAIT_LIMIT) != 0 or not ready:
-            raise BenchmarkError(f"{command} failed")
-    return elapsed
 
 
 def measure_cold_start(settings: Settings, results: Results) -> None:
@@ -910,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
             if section in sections:
                 log(f"{section}:")
                 step(settings, results)
-    except BenchmarkError as exc:
+    except (BenchmarkError, StartupError) as exc:
         log(f"benchmark failed: {exc}")
         return 1
     info["load_average_at_end"] = os.getloadavg()

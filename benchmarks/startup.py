@@ -49,17 +49,21 @@ class StartupError(RuntimeError):
     """A start-up measurement could not be taken."""
 
 
-def import_seconds(statement: str) -> float:
-    """Launch to the first byte written after ``statement`` ran, in a fresh interpreter."""
-    command = [sys.executable, "-c", f"import os\n{statement}\nos.write(1, b'.')"]
+def ready_seconds(command: list[str]) -> float:
+    """Time from starting ``command`` to the first byte it writes to stdout."""
     start = time.perf_counter()
     with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
         assert process.stdout is not None
         ready = process.stdout.read(1)
         elapsed = time.perf_counter() - start
         if process.wait(WAIT_LIMIT) != 0 or not ready:
-            raise StartupError(f"{statement!r} failed")
+            raise StartupError(f"{command} failed")
     return elapsed
+
+
+def import_seconds(statement: str) -> float:
+    """Launch to the first byte written after ``statement`` ran, in a fresh interpreter."""
+    return ready_seconds([sys.executable, "-c", f"import os\n{statement}\nos.write(1, b'.')"])
 
 
 class FirstVerdictHost:
