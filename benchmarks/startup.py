@@ -70,7 +70,9 @@ class FirstVerdictHost:
     """A bare grpcio host that offers one Admission to each plugin it launches.
 
     One plugin at a time: ``first_verdict`` launches it, times its first
-    ResolveAdmission, then ends its stream so that it exits.
+    ResolveAdmission, then ends its stream so that it exits. A deliberate
+    independent baseline, as in bare.py: its handler table is written out
+    here, so that the floor owes nothing to the library it is compared with.
     """
 
     def __init__(self) -> None:
