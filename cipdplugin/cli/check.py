@@ -38,7 +38,6 @@ from cipdplugin import (
     __version__,
 )
 from cipdplugin.cli.inputs import (
-    PLUGIN_ENV,
     PinRequest,
     PluginSpec,
     UsageError,
@@ -58,6 +57,7 @@ from cipdplugin.cli.report import (
 from cipdplugin.cli.sources import add_source_options, resolve_sources
 from cipdplugin.constants import DEFAULT_CONNECT_TIMEOUT
 from cipdplugin.deadline import Deadline
+from cipdplugin.options import ADMISSION_PLUGIN_ENV as PLUGIN_ENV
 
 #: Default limit, in seconds, for the whole run.
 DEFAULT_TIMEOUT = 300.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -17,9 +17,6 @@ from cipdplugin import (
     StaticRepository,
 )
 from cipdplugin.host.chain import checked_scope
-
-#: The environment variable the Go CIPD client reads its admission plugin from.
-PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
 
 
 class UsageError(Exception):
@@ -113,20 +110,6 @@ def plugin_specs(options: Sequence[tuple[str, str | None]]) -> list[PluginSpec]:
         cmdline = parse_plugin_cmdline(text, source)
         specs.append(PluginSpec(tuple(cmdline), parse_scope(scope) if scope is not None else ()))
     return specs
-
-
-def plugin_cmdline(option: str | None, environ: Mapping[str, str]) -> list[str]:
-    """The plugin command line from ``--plugin``, else from the environment.
-
-    Raises:
-        UsageError: neither gives one, or the one given is malformed.
-    """
-    if option is not None:
-        return parse_plugin_cmdline(option, "--plugin")
-    from_env = environ.get(PLUGIN_ENV, "")
-    if from_env:
-        return parse_plugin_cmdline(from_env, f"${PLUGIN_ENV}")
-    raise UsageError(f"no plugin given: use --plugin JSON_LIST or set {PLUGIN_ENV}")
 
 
 def pin_request(package: str, instance_id: str, text: str | None = None) -> PinRequest:

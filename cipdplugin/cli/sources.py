@@ -20,8 +20,16 @@ from cipdplugin import (
     load_client_options,
 )
 from cipdplugin.backend import DEFAULT_TIMEOUT
-from cipdplugin.cli.inputs import PLUGIN_ENV, PluginSpec, UsageError, load_config, plugin_specs
-from cipdplugin.options import CONFIG_FILE_ENV, NO_CONFIG_FILE, SERVICE_URL_ENV, normalise_service_url
+from cipdplugin.cli.inputs import PluginSpec, UsageError, load_config, plugin_specs
+from cipdplugin.options import (
+    ADMISSION_PLUGIN_ENV as PLUGIN_ENV,
+)
+from cipdplugin.options import (
+    CONFIG_FILE_ENV,
+    NO_CONFIG_FILE,
+    SERVICE_URL_ENV,
+    normalise_service_url,
+)
 
 _log = logging.getLogger("cipdplugin.cli")
 
