@@ -48,6 +48,7 @@ from cipdplugin.deadline import Deadline
 from cipdplugin.errors import AdmissionError
 from cipdplugin.options import ClientOptions, normalise_service_url, proxy_socket_path
 from cipdplugin.protocol.cipd_pb2 import ListMetadataRequest, ListMetadataResponse
+from cipdplugin.status import known_code
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ TIMEOUT_HEADER = "X-Prpc-Grpc-Timeout"
 #: Returns an OAuth2 access token, alone or with its expiry (a UNIX timestamp).
 TokenSource = Callable[[], str | tuple[str, float]]
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _TRANSIENT_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE})
 _BINARY_TYPES = frozenset({"application/prpc", "application/protobuf", "application/x-protobuf"})
 # pRPC timeout units, finest first: a value has at most 8 digits.
@@ -190,7 +190,7 @@ class _TokenCache:
                 raise
             except Exception as exc:
                 raise AdmissionError(
-                    grpc.StatusCode.UNAUTHENTICATED, f"cannot get an access token: {exc}"
+                    f"cannot get an access token: {exc}", code=grpc.StatusCode.UNAUTHENTICATED
                 ) from exc
             token, lifetime = _token_and_lifetime(answer)
             # A token about to expire is still used for this call, not kept.
@@ -210,14 +210,15 @@ def _token_and_lifetime(answer: object) -> tuple[str, float]:
         token, expiry = answer
     if not isinstance(token, str) or not token:
         raise AdmissionError(
-            grpc.StatusCode.UNAUTHENTICATED,
             f"the token source returned {type(answer).__name__}, not a token or a (token, expiry) pair",
+            code=grpc.StatusCode.UNAUTHENTICATED,
         )
     if expiry is None:
         return token, PLAIN_TOKEN_LIFETIME
     if not isinstance(expiry, (int, float)) or isinstance(expiry, bool):
         raise AdmissionError(
-            grpc.StatusCode.UNAUTHENTICATED, f"the token's expiry must be a UNIX timestamp, got {expiry!r}"
+            f"the token's expiry must be a UNIX timestamp, got {expiry!r}",
+            code=grpc.StatusCode.UNAUTHENTICATED,
         )
     return token, float(expiry) - time.time()
 
@@ -252,9 +253,9 @@ class LuciAuthTokenSource:
         path = shutil.which(self.executable)
         if path is None:
             raise AdmissionError(
-                grpc.StatusCode.UNAUTHENTICATED,
                 f"{self.executable!r} was not found: install luci-auth (it comes with depot_tools) "
                 "and run 'luci-auth login', or use the backend without credentials",
+                code=grpc.StatusCode.UNAUTHENTICATED,
             )
         argv = [path, "token", "-json-output", "-", "-lifetime", f"{int(self.lifetime)}s"]
         if self.scopes:
@@ -274,28 +275,33 @@ class LuciAuthTokenSource:
             )
         except subprocess.TimeoutExpired:
             raise AdmissionError(
-                grpc.StatusCode.UNAUTHENTICATED, f"'luci-auth token' gave no token within {self.timeout:g} s"
+                f"'luci-auth token' gave no token within {self.timeout:g} s",
+                code=grpc.StatusCode.UNAUTHENTICATED,
             ) from None
         except OSError as exc:
-            raise AdmissionError(grpc.StatusCode.UNAUTHENTICATED, f"cannot run {argv[0]!r}: {exc}") from None
+            raise AdmissionError(
+                f"cannot run {argv[0]!r}: {exc}", code=grpc.StatusCode.UNAUTHENTICATED
+            ) from None
         if done.returncode != 0:
             said = done.stderr.strip().splitlines()
             raise AdmissionError(
-                grpc.StatusCode.UNAUTHENTICATED,
                 f"'luci-auth token' failed (exit status {done.returncode})"
                 + (f": {said[-1]}" if said else "")
                 + "; run 'luci-auth login' to log in",
+                code=grpc.StatusCode.UNAUTHENTICATED,
             )
         try:
             data = json.loads(done.stdout)
             token, expiry = data["token"], data["expiry"]
         except (ValueError, TypeError, KeyError):
             raise AdmissionError(
-                grpc.StatusCode.UNAUTHENTICATED,
                 f"'luci-auth token' printed {done.stdout[:80]!r}, not a JSON token with an expiry",
+                code=grpc.StatusCode.UNAUTHENTICATED,
             ) from None
         if not isinstance(token, str) or not token or not isinstance(expiry, (int, float)):
-            raise AdmissionError(grpc.StatusCode.UNAUTHENTICATED, "'luci-auth token' printed an empty token")
+            raise AdmissionError(
+                "'luci-auth token' printed an empty token", code=grpc.StatusCode.UNAUTHENTICATED
+            )
         return token, float(expiry)
 
 
@@ -418,7 +424,7 @@ class PrpcRepository:
                 # No retry that could not get an answer in time: the failure
                 # in hand says more than a DEADLINE_EXCEEDED would.
                 if not failure.transient or delay + _MIN_ATTEMPT >= _seconds_left(deadline):
-                    raise AdmissionError(failure.code, failure.message) from None
+                    raise AdmissionError(failure.message, code=failure.code) from None
                 retry += 1
                 log.info(
                     "ListMetadata failed (%s: %s); retry %d in %.2f s",
@@ -428,7 +434,9 @@ class PrpcRepository:
                     delay,
                 )
                 if self._closed.wait(delay):
-                    raise AdmissionError(grpc.StatusCode.CANCELLED, "the repository was closed") from None
+                    raise AdmissionError(
+                        "the repository was closed", code=grpc.StatusCode.CANCELLED
+                    ) from None
 
     def _backoff(self, retry: int) -> float:
         ceiling = min(self._max_backoff, self._initial_backoff * 2**retry)
@@ -530,7 +538,7 @@ class PrpcRepository:
         if code_text is None:
             raise self._not_prpc(status, headers, payload)
         try:
-            code = _CODES.get(int(code_text.strip()))
+            code = known_code(int(code_text.strip()))
         except ValueError:
             raise _Failure(
                 grpc.StatusCode.INTERNAL,

@@ -64,10 +64,14 @@ STREAM_RECHECK = 0.5
 
 # -- Metadata ----------------------------------------------------------------
 
-#: Entries per ListMetadata page when the caller does not say: the same on
-#: both sides, so a default request from the SDK is one default page of the
-#: repository, and a plugin's paging matches what the host would return.
-DEFAULT_PAGE_SIZE = 100
+#: Entries per ListMetadata page the plugin SDK asks for when its handler
+#: does not say: luci-go ``cipd/client/cipd/plugin/plugins/admission/admission.go``,
+#: ``VisitMetadata`` (``if pageSize <= 0 { pageSize = 20 }``).
+SDK_PAGE_SIZE = 20
+#: Entries per page ``StaticRepository`` returns for a request without a page
+#: size (ours: such a request comes from a caller other than the SDK, which
+#: always sends one).
+REPOSITORY_PAGE_SIZE = 100
 
 # -- The server --------------------------------------------------------------
 

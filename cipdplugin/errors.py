@@ -1,8 +1,12 @@
-"""The exceptions of cipdplugin, one shallow hierarchy under ``AdmissionError``."""
+"""The exceptions of cipdplugin, one shallow hierarchy under ``AdmissionError``.
+
+Every one takes ``(message, *, code=...)``; each class has the code it
+usually carries as its default. ``AdmissionError(code, message)``, the order
+of luci's ``status.Error(code, msg)`` and of the SPEC's ``admission.Error``,
+is accepted too, so handlers written either way work.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import grpc
 
@@ -19,34 +23,53 @@ class AdmissionError(Exception):
         message: a human-readable explanation.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(code, message)
+    #: The code of an error made without one.
+    default_code = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str | grpc.StatusCode = "",
+        legacy_message: str = "",
+        *,
+        code: grpc.StatusCode | None = None,
+    ) -> None:
+        """``AdmissionError("why", code=grpc.StatusCode.X)``, or ``AdmissionError(X, "why")``.
+
+        Raises:
+            TypeError: the code is not a ``grpc.StatusCode``, or the message
+                is not a string.
+        """
+        if isinstance(message, grpc.StatusCode):
+            if code is not None:
+                raise TypeError("give the code once: AdmissionError(message, code=...)")
+            text, code = legacy_message, message
+        elif legacy_message:
+            raise TypeError("AdmissionError takes (message, *, code=...)")
+        else:
+            text = message
+        if code is None:
+            code = self.default_code
+        if not isinstance(code, grpc.StatusCode):
+            raise TypeError(f"code must be a grpc.StatusCode, got {code!r}")
+        if not isinstance(text, str):
+            raise TypeError(f"message must be a string, got {text!r}")
+        # args holds what the constructor takes back: pickle and copy call
+        # cls(*args), then restore __dict__, which holds the code.
+        super().__init__(text)
         self.code = code
-        self.message = message
+        self.message = text
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}" if self.message else self.code.name
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.code!r}, {self.message!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Subclasses take other constructor arguments than ``args`` holds, so
-        # pickle and copy rebuild from the attributes instead of calling them.
-        return (_restore, (type(self), self.code, self.message), self.__dict__)
-
-
-def _restore(cls: type[AdmissionError], code: grpc.StatusCode, message: str) -> AdmissionError:
-    error = cls.__new__(cls)
-    AdmissionError.__init__(error, code, message)
-    return error
+        return f"{type(self).__name__}({self.message!r}, code={self.code!r})"
 
 
 class AdmissionDenied(AdmissionError):
     """The plugin said no (FAILED_PRECONDITION): a policy decision."""
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
-        super().__init__(code, message)
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class PluginStartError(AdmissionError):
@@ -57,15 +80,13 @@ class PluginStartError(AdmissionError):
     another protocol version. The message says which.
     """
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
-        super().__init__(code, message)
+    default_code = grpc.StatusCode.UNAVAILABLE
 
 
 class PluginAbortedError(AdmissionError):
     """The plugin was closed, or died while the check was pending."""
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.ABORTED) -> None:
-        super().__init__(code, message)
+    default_code = grpc.StatusCode.ABORTED
 
 
 class InvalidPinError(AdmissionError, ValueError):
@@ -76,8 +97,7 @@ class InvalidPinError(AdmissionError, ValueError):
     a check can fail.
     """
 
-    def __init__(self, message: str) -> None:
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __str__(self) -> str:
         return self.message

@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cipdplugin.constants import DEFAULT_PAGE_SIZE
+from cipdplugin.constants import REPOSITORY_PAGE_SIZE
 from cipdplugin.errors import AdmissionError, InvalidPinError
 from cipdplugin.pins import Pin, object_ref_to_instance_id
 from cipdplugin.protocol.cipd_pb2 import InstanceMetadata, ListMetadataRequest, ListMetadataResponse
@@ -143,14 +143,14 @@ class StaticRepository:
         try:
             pin = Pin(request.package, object_ref_to_instance_id(request.instance))
         except InvalidPinError as exc:
-            raise AdmissionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise AdmissionError(str(exc), code=grpc.StatusCode.INVALID_ARGUMENT) from None
         if request.page_size < 0:
-            raise AdmissionError(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
+            raise AdmissionError("page_size must not be negative", code=grpc.StatusCode.INVALID_ARGUMENT)
         keys = set(request.keys)
         matching = [md for md in self._entries.get(pin, ()) if not keys or md.key in keys]
         query = _query_fingerprint(request)
         start = _decode_token(request.page_token, query) if request.page_token else 0
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = min(request.page_size or REPOSITORY_PAGE_SIZE, MAX_PAGE_SIZE)
         page = matching[start : start + size]
         response = ListMetadataResponse(metadata=page)
         if start + size < len(matching):
@@ -267,5 +267,5 @@ def _decode_token(token: str, query: str) -> int:
     except (ValueError, UnicodeError, binascii.Error):
         offset, token_query = -1, ""
     if offset < 0 or token_query != query:
-        raise AdmissionError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page token {token!r}")
+        raise AdmissionError(f"invalid page token {token!r}", code=grpc.StatusCode.INVALID_ARGUMENT)
     return offset

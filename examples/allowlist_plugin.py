@@ -45,7 +45,7 @@ def check(request: admission.Request, info: admission.InstanceInfo) -> None:
             log.info("%s is allowlisted", request.pin)
             return
         if request.stopping.is_set():
-            raise admission.Error(grpc.StatusCode.ABORTED, "the plugin is stopping")
+            raise admission.Error("the plugin is stopping", code=grpc.StatusCode.ABORTED)
     raise admission.Denied(
         f"no {ALLOW_KEY} entry matches the instance digest ({looked_at} entries looked at)"
     )

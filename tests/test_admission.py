@@ -25,7 +25,7 @@ from cipdplugin import (
     PluginStartError,
     StaticRepository,
 )
-from cipdplugin.constants import DEFAULT_PAGE_SIZE
+from cipdplugin.constants import SDK_PAGE_SIZE
 from cipdplugin.host import PluginState
 from tests.conftest import (
     CLOSE_MARGIN,
@@ -182,7 +182,7 @@ def test_metadata_visiting_only_the_first_entry_fetches_one_page(make_host: Host
     plugin = make_host(Config(SERVICE_URL, repo)).new_admission_plugin(plugin_cmd("metadata-first"))
     assert plugin.check_admission(PIN).result(timeout=30) is None
     assert len(repo.requests) == 1
-    assert repo.requests[0].page_size == DEFAULT_PAGE_SIZE
+    assert repo.requests[0].page_size == SDK_PAGE_SIZE == 20
 
 
 class LoopingRepository:
@@ -215,7 +215,7 @@ def test_metadata_pages_that_loop_fail_the_check(
 
 
 def test_repository_error_reaches_the_caller(make_host: HostFactory) -> None:
-    repository = FailingRepository(AdmissionError(grpc.StatusCode.UNAVAILABLE, "the backend is down"))
+    repository = FailingRepository(AdmissionError("the backend is down", code=grpc.StatusCode.UNAVAILABLE))
     plugin = make_host(Config(SERVICE_URL, repository)).new_admission_plugin(plugin_cmd("metadata"))
     error = plugin.check_admission(PIN).exception(timeout=30)
     assert type(error) is AdmissionError

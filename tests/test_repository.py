@@ -34,7 +34,7 @@ from cipdplugin import (
     RepositoryFileError,
     StaticRepository,
 )
-from cipdplugin.constants import DEFAULT_PAGE_SIZE
+from cipdplugin.constants import REPOSITORY_PAGE_SIZE
 from cipdplugin.pins import instance_id_to_object_ref
 from cipdplugin.protocol.cipd_pb2 import HASH_ALGO_UNSPECIFIED
 from cipdplugin.repository import MAX_PAGE_SIZE, metadata_fingerprint
@@ -317,9 +317,9 @@ def test_token_from_another_query_is_invalid_argument() -> None:
 def test_default_and_maximum_page_size() -> None:
     repo = _repo(*({"key": "k", "value": str(n)} for n in range(MAX_PAGE_SIZE + 1)))
     first = repo.list_metadata(_request())
-    assert len(first.metadata) == DEFAULT_PAGE_SIZE == 100
+    assert len(first.metadata) == REPOSITORY_PAGE_SIZE == 100
     assert first.next_page_token
-    assert len(repo.list_metadata(_request(page_size=0)).metadata) == DEFAULT_PAGE_SIZE
+    assert len(repo.list_metadata(_request(page_size=0)).metadata) == REPOSITORY_PAGE_SIZE
     assert len(repo.list_metadata(_request(page_size=10**6)).metadata) == MAX_PAGE_SIZE
 
 
@@ -657,11 +657,24 @@ def test_error_hierarchy_and_default_codes() -> None:
         assert error.code is code
 
 
+def test_errors_take_the_message_first_and_accept_the_code_first() -> None:
+    assert AdmissionError("boom", code=grpc.StatusCode.INTERNAL).code is grpc.StatusCode.INTERNAL
+    legacy = AdmissionError(grpc.StatusCode.INTERNAL, "boom")
+    assert (legacy.code, legacy.message, legacy.args) == (grpc.StatusCode.INTERNAL, "boom", ("boom",))
+    assert AdmissionError("boom").code is grpc.StatusCode.UNKNOWN
+    with pytest.raises(TypeError):
+        AdmissionError("boom", code="INTERNAL")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        AdmissionDenied("boom", "again")
+    with pytest.raises(TypeError):
+        AdmissionError(grpc.StatusCode.INTERNAL, "boom", code=grpc.StatusCode.INTERNAL)
+
+
 def test_error_str_and_repr() -> None:
-    error = AdmissionError(grpc.StatusCode.INTERNAL, "boom")
+    error = AdmissionError("boom", code=grpc.StatusCode.INTERNAL)
     assert str(error) == "INTERNAL: boom"
-    assert repr(error) == "AdmissionError(<StatusCode.INTERNAL: (13, 'internal')>, 'boom')"
-    assert str(AdmissionError(grpc.StatusCode.INTERNAL, "")) == "INTERNAL"
+    assert repr(error) == "AdmissionError('boom', code=<StatusCode.INTERNAL: (13, 'internal')>)"
+    assert str(AdmissionError("", code=grpc.StatusCode.INTERNAL)) == "INTERNAL"
     assert str(AdmissionDenied("not on the list")) == "FAILED_PRECONDITION: not on the list"
     assert str(AdmissionDenied("x", code=grpc.StatusCode.PERMISSION_DENIED)).startswith("PERMISSION_DENIED")
     assert str(InvalidPinError("invalid pin 'x'")) == "invalid pin 'x'"
@@ -670,7 +683,7 @@ def test_error_str_and_repr() -> None:
 @pytest.mark.parametrize(
     "error",
     [
-        AdmissionError(grpc.StatusCode.INTERNAL, "boom"),
+        AdmissionError("boom", code=grpc.StatusCode.INTERNAL),
         AdmissionDenied("no"),
         AdmissionDenied("no", code=grpc.StatusCode.PERMISSION_DENIED),
         PluginStartError("exited with code 2"),

@@ -135,7 +135,7 @@ def test_plugin_logs_reach_the_host_with_their_levels(logged_host: HostFactory, 
         (
             Config(
                 SERVICE_URL,
-                FailingRepository(AdmissionError(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota is gone")),
+                FailingRepository(AdmissionError("quota is gone", code=grpc.StatusCode.RESOURCE_EXHAUSTED)),
             ),
             SERVICE_URL,
             "outcome: RESOURCE_EXHAUSTED quota is gone",

@@ -29,8 +29,6 @@ import grpc
 from cipdplugin import (
     DEFAULT_SERVICE_URL,
     AdmissionChain,
-    AdmissionDenied,
-    AdmissionError,
     AdmissionPlugin,
     Config,
     ConfigError,
@@ -45,12 +43,9 @@ from cipdplugin.cli.inputs import (
     read_pins_file,
 )
 from cipdplugin.cli.report import (
-    ADMITTED,
-    DENIED,
-    ERROR,
     EXIT_ERROR,
     WARNED,
-    Verdict,
+    PinReport,
     exit_status,
     json_report,
 )
@@ -58,6 +53,7 @@ from cipdplugin.cli.sources import add_source_options, resolve_sources
 from cipdplugin.constants import DEFAULT_CONNECT_TIMEOUT
 from cipdplugin.deadline import Deadline
 from cipdplugin.options import ADMISSION_PLUGIN_ENV as PLUGIN_ENV
+from cipdplugin.status import DENIED, ERROR, verdict_of
 
 #: Default limit, in seconds, for the whole run.
 DEFAULT_TIMEOUT = 300.0
@@ -226,21 +222,17 @@ def _wait_all(futures: Sequence[Future[None]], deadline: Deadline, progress: Pro
         progress.clear()
 
 
-def _verdict(request: PinRequest, future: Future[None] | None, timeout: float, *, warn_only: bool) -> Verdict:
+def _report(
+    request: PinRequest, future: Future[None] | None, timeout: float, *, warn_only: bool
+) -> PinReport:
     if request.pin is None or future is None:
-        return Verdict(request, ERROR, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+        return PinReport(request, ERROR, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
     if not future.done():
-        return Verdict(
+        return PinReport(
             request, ERROR, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within the {timeout:g} s timeout"
         )
-    error = future.exception(timeout=0)
-    if error is None:
-        return Verdict(request, ADMITTED, grpc.StatusCode.OK, "")
-    if isinstance(error, AdmissionDenied):
-        return Verdict(request, WARNED if warn_only else DENIED, error.code, error.message)
-    if isinstance(error, AdmissionError):
-        return Verdict(request, ERROR, error.code, error.message)
-    return Verdict(request, ERROR, grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}")
+    verdict, code, message = verdict_of(future.exception(timeout=0))
+    return PinReport(request, WARNED if warn_only and verdict == DENIED else verdict, code, message)
 
 
 def _open_host(config: Config, audit_log: str | None, warn_only: bool) -> Host:
@@ -262,7 +254,7 @@ def check_pins(
     warn_only: bool = False,
     progress: Progress | None = None,
     stop_signals: StopSignals | None = None,
-) -> list[Verdict]:
+) -> list[PinReport]:
     """Check every valid pin with the plugins; one verdict per request, in order.
 
     One unscoped plugin is asked directly; several, or a scoped one, form
@@ -313,7 +305,7 @@ def check_pins(
             _wait_all([f for f in futures if f is not None], deadline, progress)
         # Before the host closes: closing fails whatever is still pending.
         return [
-            _verdict(request, future, timeout, warn_only=warn_only)
+            _report(request, future, timeout, warn_only=warn_only)
             for request, future in zip(requests, futures, strict=True)
         ]
     finally:

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from cipdplugin.cli.inputs import PinRequest
+from cipdplugin.status import ADMITTED, DENIED, ERROR
 
 EXIT_ADMITTED = 0
 EXIT_DENIED = 1
@@ -18,9 +19,6 @@ EXIT_ERROR = 2
 #: Some check failed (invalid pin, plugin missing or crashed, timeout, ...).
 EXIT_CHECK_FAILED = 3
 
-ADMITTED = "admitted"
-DENIED = "denied"
-ERROR = "error"
 #: A denial under ``--warn-only``: reported, but not failing the run.
 WARNED = "warned"
 #: Width of the verdict column of the text report.
@@ -28,8 +26,8 @@ _VERDICT_WIDTH = 10
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """The outcome of one pin: ``verdict`` is ADMITTED, DENIED, WARNED or ERROR."""
+class PinReport:
+    """What the report says of one pin: ``verdict`` is ADMITTED, DENIED, WARNED or ERROR."""
 
     request: PinRequest
     verdict: str
@@ -56,7 +54,7 @@ class Verdict:
         return " ".join(line.splitlines())
 
 
-def exit_status(verdicts: Sequence[Verdict]) -> int:
+def exit_status(verdicts: Sequence[PinReport]) -> int:
     """0 if all admitted (or only warned), 3 if any check failed, else 1 (some denied)."""
     outcomes = {verdict.verdict for verdict in verdicts}
     if ERROR in outcomes:
@@ -66,7 +64,7 @@ def exit_status(verdicts: Sequence[Verdict]) -> int:
     return EXIT_ADMITTED
 
 
-def json_report(verdicts: Sequence[Verdict], *, warn_only: bool = False) -> dict[str, Any]:
+def json_report(verdicts: Sequence[PinReport], *, warn_only: bool = False) -> dict[str, Any]:
     """The ``--json`` report (its schema is in the help text); totals count
     ``warned`` pins only under ``--warn-only``."""
     totals = dict.fromkeys((ADMITTED, DENIED, WARNED, ERROR) if warn_only else (ADMITTED, DENIED, ERROR), 0)

@@ -46,6 +46,7 @@ from cipdplugin.host.deadlines import CheckDeadlines, checked_check_timeout
 from cipdplugin.host.process import FORKS, display_name, termination_span
 from cipdplugin.pins import Pin
 from cipdplugin.protocol import PROTOCOL_VERSION, plugin_pb2
+from cipdplugin.status import code_of
 
 if TYPE_CHECKING:
     from cipdplugin.host.audit import AuditLog
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 
 _OK = grpc.StatusCode.OK.value[0]
 _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 #: Below this many bytes of strings an Admission cannot reach MAX_MESSAGE_BYTES,
 #: so its size is not computed (the ID, digest and field tags stay under 1 KiB).
 _SIZE_CHECK_FLOOR = MAX_MESSAGE_BYTES - 1024
@@ -159,7 +159,7 @@ class Refusal:
     answered: Future[None] = field(default_factory=Future, compare=False)
 
 
-class Verdict(NamedTuple):
+class Settled(NamedTuple):
     """What the cache keeps of a settled check: its outcome, and its promise
     for as long as anyone else holds it."""
 
@@ -265,7 +265,7 @@ class AdmissionPlugin:
         # a promise nobody holds can be rebuilt from its outcome without anyone
         # telling the difference. One that somebody holds is handed out again.
         self._promises: dict[Pin, AdmissionFuture] = {}  # pending
-        self._verdicts: dict[Pin, Verdict] = {}  # settled
+        self._verdicts: dict[Pin, Settled] = {}  # settled
         # One bound method for every promise's callback list, not one each.
         self._verdict_keeper = self._keep_verdict
         self._in_flight: dict[str, Check] = {}  # unsettled, by admission ID
@@ -363,9 +363,9 @@ class AdmissionPlugin:
             and admission.ByteSize() > MAX_MESSAGE_BYTES
         ):
             oversized = AdmissionError(
-                grpc.StatusCode.INVALID_ARGUMENT,
                 f"the check of {pin.package!r} is {admission.ByteSize()} bytes, over the "
                 f"{MAX_MESSAGE_BYTES}-byte message limit of plugins; it was not sent",
+                code=grpc.StatusCode.INVALID_ARGUMENT,
             )
         check = Check(admission, AdmissionFuture(), time.monotonic(), None)
         check.future.pin = pin
@@ -463,7 +463,7 @@ class AdmissionPlugin:
                 # A fresh promise runs no callback and records no audit line
                 # as it resolves: safe under the lock, and a cache hit.
                 _settle(future, verdict.outcome)
-                self._verdicts[pin] = Verdict(weakref.ref(future), verdict.outcome)
+                self._verdicts[pin] = Settled(weakref.ref(future), verdict.outcome)
             return future
 
     def _keep_verdict(self, future: Future[None]) -> None:
@@ -473,7 +473,7 @@ class AdmissionPlugin:
         with self._lock:
             if self._promises.get(pin) is future:
                 del self._promises[pin]
-                self._verdicts[pin] = Verdict(weakref.ref(future), future.exception(timeout=0))
+                self._verdicts[pin] = Settled(weakref.ref(future), future.exception(timeout=0))
 
     def begin_close(self) -> None:
         """The part of ``close()`` that never waits: fail pending checks at once.
@@ -597,7 +597,7 @@ class AdmissionPlugin:
             self._reject_all(
                 PluginStartError(
                     f"plugin {self._name!r} did not connect within {self._connect_timeout:g} s",
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
             )
             process.terminate()
@@ -629,7 +629,7 @@ class AdmissionPlugin:
                 f"{request.protocol_version}, the host speaks {PROTOCOL_VERSION}"
             )
             refusal = Refusal(grpc.StatusCode.FAILED_PRECONDITION, message, final=True)
-            error = PluginStartError(message, grpc.StatusCode.FAILED_PRECONDITION)
+            error = PluginStartError(message, code=grpc.StatusCode.FAILED_PRECONDITION)
             self._refusal = refusal
             self._reject_all(error)
             if not self._connected.done():
@@ -721,7 +721,8 @@ class AdmissionPlugin:
             _settle(check.future, AdmissionDenied(status.message))
         else:
             _settle(
-                check.future, AdmissionError(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message)
+                check.future,
+                AdmissionError(status.message, code=code_of(status.code)),
             )
 
     def _check_expired(self, sent: tuple[str, Check]) -> None:
@@ -734,7 +735,7 @@ class AdmissionPlugin:
         _settle(
             check.future,
             AdmissionError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"plugin {self._name!r} did not answer within the {self._check_timeout:g} s check timeout",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
             ),
         )

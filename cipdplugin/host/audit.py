@@ -30,15 +30,13 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from cipdplugin.errors import AdmissionDenied, AdmissionError
 from cipdplugin.pins import Pin
+from cipdplugin.status import verdict_of
 
 #: What ``Host(audit_log=...)`` accepts.
 AuditTarget = str | os.PathLike[str] | IO[str] | Callable[[dict[str, Any]], None]
 
-ADMITTED = "admitted"
-DENIED = "denied"
-ERROR = "error"
+#: The verdict of a pin no plugin of a chain covers (the others: ``cipdplugin.status``).
 UNSCOPED = "unscoped"
 #: Records formatted and written per batch at most, so a burst reaches the
 #: sink in large writes without holding everything in one string.
@@ -51,17 +49,6 @@ _GATHER = 0.02
 _STOP = None
 #: The outcome of a pin no plugin covers.
 _UNSCOPED = object()
-
-
-def verdict_of(outcome: BaseException | None) -> tuple[str, str, str]:
-    """(verdict, code name, message) of a check that resolved with ``outcome``."""
-    if outcome is None:
-        return ADMITTED, "OK", ""
-    if isinstance(outcome, AdmissionDenied):
-        return DENIED, outcome.code.name, outcome.message
-    if isinstance(outcome, AdmissionError):
-        return ERROR, outcome.code.name, outcome.message
-    return ERROR, "UNKNOWN", f"{type(outcome).__name__}: {outcome}"
 
 
 def format_timestamp(seconds: float) -> str:
@@ -159,7 +146,8 @@ class AuditLog:
         if outcome is _UNSCOPED:
             verdict, code, message = UNSCOPED, "OK", "no plugin of the chain covers this package"
         else:
-            verdict, code, message = verdict_of(outcome)
+            verdict, status, message = verdict_of(outcome)
+            code = status.name
         return {
             "ts": format_timestamp(ts),
             "pin": f"{pin.package}:{pin.instance_id}",

@@ -25,9 +25,10 @@ from concurrent.futures import Future
 
 import grpc
 
-from cipdplugin.errors import AdmissionDenied, AdmissionError
+from cipdplugin.errors import AdmissionError
 from cipdplugin.host.admission import AdmissionFuture, AdmissionPlugin
 from cipdplugin.pins import Pin, validate_package_name
+from cipdplugin.status import ERROR, verdict_of
 
 #: A member of a chain: a plugin (covering every package), or a plugin and its scope.
 Member = AdmissionPlugin | tuple[AdmissionPlugin, str | Sequence[str]]
@@ -70,10 +71,12 @@ def checked_scope(scope: str | Sequence[str]) -> tuple[str, ...]:
 def _named(error: BaseException, plugin: str) -> AdmissionError:
     """``error`` as an ``AdmissionError`` of the same kind whose message names ``plugin``."""
     if not isinstance(error, AdmissionError):
-        return AdmissionError(grpc.StatusCode.UNKNOWN, f"plugin {plugin!r}: {type(error).__name__}: {error}")
+        return AdmissionError(
+            f"plugin {plugin!r}: {type(error).__name__}: {error}", code=grpc.StatusCode.UNKNOWN
+        )
     named = copy.copy(error)
     named.message = f"plugin {plugin!r}: {error.message}"
-    named.args = (error.code, named.message)
+    named.args = (named.message,)
     return named
 
 
@@ -188,7 +191,7 @@ class _Combination:
                 return
         outcomes = [answer.exception(timeout=0) for answer in self._answers]
         failures = [(p, e) for p, e in zip(self._plugins, outcomes, strict=True) if e is not None]
-        errors = [(p, e) for p, e in failures if not isinstance(e, AdmissionDenied)]
+        errors = [(p, e) for p, e in failures if verdict_of(e).verdict == ERROR]
         blamed = errors or failures
         if not blamed:
             self._future.set_result(None)

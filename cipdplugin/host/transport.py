@@ -33,6 +33,7 @@ from cipdplugin.errors import AdmissionError
 from cipdplugin.host.admission import AdmissionPlugin
 from cipdplugin.host.requests import method_handler
 from cipdplugin.protocol import TICKET_METADATA_KEY, cipd_pb2, plugin_pb2
+from cipdplugin.status import rpc_error_parts
 
 if TYPE_CHECKING:
     from cipdplugin.host.process import PluginProcess
@@ -55,19 +56,6 @@ class ServerStartError(RuntimeError):
 def new_ticket() -> str:
     """64 bytes from a cryptographic source, standard base64 without padding."""
     return base64.b64encode(secrets.token_bytes(TICKET_BYTES)).decode("ascii").rstrip("=")
-
-
-def rpc_error_parts(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and details of a ``grpc.RpcError`` (UNKNOWN and its
-    text when it does not carry them, as a hand-made RpcError may not)."""
-    code = getattr(error, "code", None)
-    details = getattr(error, "details", None)
-    status = code() if callable(code) else None
-    text = details() if callable(details) else None
-    return (
-        status if isinstance(status, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
-        text if isinstance(text, str) else str(error),
-    )
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@
 
 Each admission runs ``handler`` in a worker thread. Returning admits the
 instance; ``Denied(message)`` denies it (FAILED_PRECONDITION);
-``Error(code, message)`` reports that status; any other exception is
+``Error(message, code=code)`` reports that status; any other exception is
 reported as ABORTED with the exception described, and the plugin keeps
 serving.
 """
@@ -33,7 +33,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.rpc import status_pb2
 
 from cipdplugin import plugins
-from cipdplugin.constants import DEFAULT_PAGE_SIZE
+from cipdplugin.constants import SDK_PAGE_SIZE
 from cipdplugin.errors import AdmissionDenied, AdmissionError, InvalidPinError
 from cipdplugin.pins import Pin, object_ref_to_instance_id
 from cipdplugin.protocol import (
@@ -44,10 +44,11 @@ from cipdplugin.protocol import (
     cipd_pb2,
     plugin_pb2,
 )
+from cipdplugin.status import rpc_error_parts
 
 #: Raise in a handler to deny an admission (FAILED_PRECONDITION).
 Denied = AdmissionDenied
-#: Raise in a handler to answer ``Error(code, message)``.
+#: Raise in a handler to answer ``Error(message, code=code)``.
 Error = AdmissionError
 
 DEFAULT_MAX_WORKERS = 16
@@ -82,7 +83,7 @@ class InstanceInfo:
         self.stopping = request.stopping
 
     def metadata(
-        self, keys: Iterable[str] = (), page_size: int = DEFAULT_PAGE_SIZE
+        self, keys: Iterable[str] = (), page_size: int = SDK_PAGE_SIZE
     ) -> Iterator[cipd_pb2.InstanceMetadata]:
         """The instance's metadata, newest first, fetched page by page as iterated.
 
@@ -110,16 +111,17 @@ class InstanceInfo:
             try:
                 page = self._list_metadata(request, timeout=_RPC_TIMEOUT)
             except grpc.RpcError as exc:
-                raise AdmissionError(_rpc_code(exc), _rpc_details(exc)) from None
+                code, details = rpc_error_parts(exc)
+                raise AdmissionError(details, code=code) from None
             yield from page.metadata
             if not page.next_page_token:
                 return
             asked.add(request.page_token)
             if page.next_page_token in asked:
                 raise AdmissionError(
-                    grpc.StatusCode.INTERNAL,
                     f"the host's metadata pages loop: page token {page.next_page_token!r} came back "
                     f"after {len(asked)} page(s)",
+                    code=grpc.StatusCode.INTERNAL,
                 )
             request.page_token = page.next_page_token
 
@@ -185,11 +187,11 @@ class _Server:
             for admission in stream:
                 self._workers.submit(admission)
         except grpc.RpcError as exc:
-            code = _rpc_code(exc)
+            code, details = rpc_error_parts(exc)
             if code in _STOP_CODES:
                 return 0
             print(
-                f"admission plugin: the host ended the stream: {code.name}: {_rpc_details(exc)}",
+                f"admission plugin: the host ended the stream: {code.name}: {details}",
                 file=sys.stderr,
             )
             return 3 if code is grpc.StatusCode.FAILED_PRECONDITION else 1
@@ -211,7 +213,9 @@ class _Server:
             self._resolve(resolution, timeout=_RPC_TIMEOUT)
         except grpc.RpcError as exc:
             if not self._stopping.is_set():
-                _logger.warning("cannot resolve admission %s: %s", admission.admission_id, _rpc_details(exc))
+                _logger.warning(
+                    "cannot resolve admission %s: %s", admission.admission_id, rpc_error_parts(exc)[1]
+                )
 
     def _decide(self, admission: plugin_pb2.Admission) -> status_pb2.Status | None:
         """Run the handler; None means admitted (sent without a status, as the Go SDK does)."""
@@ -243,18 +247,6 @@ class _Server:
 
 def _status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
     return status_pb2.Status(code=code.value[0], message=message)
-
-
-def _rpc_code(exc: grpc.RpcError) -> grpc.StatusCode:
-    code = getattr(exc, "code", None)
-    result = code() if callable(code) else None
-    return result if isinstance(result, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-
-
-def _rpc_details(exc: grpc.RpcError) -> str:
-    details = getattr(exc, "details", None)
-    text = details() if callable(details) else None
-    return text if isinstance(text, str) else str(exc)
 
 
 class _WorkerPool:

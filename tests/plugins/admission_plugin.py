@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
             for i in range(int(args[0]) if args else 1000):
                 logging.getLogger("flood").warning("flood record %d", i)
         else:
-            raise admission.Error(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {mode}")
+            raise admission.Error(f"unknown mode {mode}", code=grpc.StatusCode.INVALID_ARGUMENT)
 
     if mode == "log":
         logging.getLogger().setLevel(logging.DEBUG)
@@ -181,7 +181,7 @@ def _admit_by_name(request: admission.Request) -> None:
     if request.package.startswith("deny/"):
         raise admission.Denied(f"{request.package} is denied")
     if request.package.startswith("error/"):
-        raise admission.Error(grpc.StatusCode.PERMISSION_DENIED, "no access")
+        raise admission.Error("no access", code=grpc.StatusCode.PERMISSION_DENIED)
 
 
 def _never_answer(request: admission.Request, info: admission.InstanceInfo) -> None:
