@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import queue
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from cipdplugin.host.admission import AdmissionPlugin
 from cipdplugin.host.requests import method_handler
 from cipdplugin.protocol import TICKET_METADATA_KEY, cipd_pb2, plugin_pb2
 from cipdplugin.status import rpc_error_parts
+from cipdplugin.threads import DaemonThreads
 
 if TYPE_CHECKING:
     from cipdplugin.host.process import PluginProcess
@@ -45,8 +45,6 @@ SEVERITY_LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-
-_logger = logging.getLogger(__name__)
 
 
 class ServerStartError(RuntimeError):
@@ -71,69 +69,6 @@ class PluginSession:
     controller: object
     ticket: str = field(default_factory=new_ticket)
     process: PluginProcess | None = None
-
-
-class _ServerThreads(futures.Executor):
-    """The server's threads: created on demand up to a bound, all daemons.
-
-    Daemons, because a thread may sit in a plugin's stream until its host
-    closes, and the interpreter must be able to exit (and run the exit hook
-    that closes hosts) meanwhile. The server owns this pool; ``stop`` ends it.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._work: queue.SimpleQueue[
-            tuple[futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None
-        ] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)  # one release per finished call: threads free for more
-        # Guards the fields below.
-        self._lock = threading.Lock()
-        self._workers: list[threading.Thread] = []
-        self._stopped = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
-        future: futures.Future[Any] = futures.Future()
-        call = fn if not kwargs else (lambda *a: fn(*a, **kwargs))
-        with self._lock:
-            if self._stopped:
-                raise RuntimeError("the plugin server's threads are stopped")
-            self._work.put((future, call, args))
-            if not self._idle.acquire(blocking=False) and len(self._workers) < self._limit:
-                worker = threading.Thread(
-                    target=self._run, name=f"cipdplugin-server-{len(self._workers)}", daemon=True
-                )
-                worker.start()
-                self._workers.append(worker)
-        return future
-
-    def _run(self) -> None:
-        while True:
-            item = self._work.get()  # Cannot hang: stop() sends one None per thread.
-            if item is None:
-                return
-            future, call, args = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(call(*args))
-                except BaseException as exc:
-                    future.set_exception(exc)
-            del future, call, args, item
-            self._idle.release()  # free for the next call: submit() takes this rather than a new thread
-
-    def stop(self, deadline: Deadline) -> None:
-        """Tell every thread to leave and wait for them until ``deadline``."""
-        with self._lock:
-            self._stopped = True
-            workers = list(self._workers)
-        for _ in workers:
-            self._work.put(None)
-        for worker in workers:
-            if worker is threading.current_thread():
-                continue  # close() called from a Future callback on a server thread
-            worker.join(deadline.remaining())
-            if worker.is_alive():
-                _logger.warning("plugin server thread %s did not stop in time", worker.name)
 
 
 def _refuse(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler[Any, Any]:
@@ -194,7 +129,7 @@ class PluginServer:
         # Guards the fields below.
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None  # set once started
-        self._pool: _ServerThreads | None = None  # the server's threads, once started
+        self._pool: DaemonThreads | None = None  # the server's threads, once started
         self._stopping = False
         # Ticket -> session. Written under _lock; read without it on the RPC
         # path (a single dict lookup is atomic).
@@ -223,7 +158,7 @@ class PluginServer:
         return self.started.result()
 
     def _start_locked(self) -> None:
-        threads = _ServerThreads(MAX_CONCURRENT_RPCS)
+        threads = DaemonThreads(MAX_CONCURRENT_RPCS, name="cipdplugin-server")
         # so_reuseport=0: no other process may bind our port beside us.
         server = grpc.server(
             threads,  # type: ignore[arg-type]
@@ -239,7 +174,7 @@ class PluginServer:
             server.start()
         except Exception as exc:
             server.stop(None)
-            threads.stop(Deadline(0))
+            threads.stop()
             self.started.set_exception(ServerStartError(f"cannot start the plugin server: {exc}"))
             return
         self._server, self._pool = server, threads
@@ -282,10 +217,10 @@ class PluginServer:
                 ).start()
         futures.wait([self.stopped], deadline.remaining())
 
-    def _stop_server(self, server: grpc.Server, threads: _ServerThreads, deadline: Deadline) -> None:
+    def _stop_server(self, server: grpc.Server, threads: DaemonThreads, deadline: Deadline) -> None:
         try:
             server.stop(grace=None).wait(deadline.remaining())
-            threads.stop(deadline)
+            threads.stop(deadline.remaining())
         finally:
             self.stopped.set_result(None)
 

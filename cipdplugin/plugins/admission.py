@@ -21,7 +21,6 @@ serving.
 from __future__ import annotations
 
 import logging
-import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +44,7 @@ from cipdplugin.protocol import (
     plugin_pb2,
 )
 from cipdplugin.status import rpc_error_parts
+from cipdplugin.threads import DaemonThreads
 
 #: Raise in a handler to deny an admission (FAILED_PRECONDITION).
 Denied = AdmissionDenied
@@ -172,7 +172,7 @@ class _Server:
             request_serializer=plugin_pb2.ListMetadataRequest.SerializeToString,
             response_deserializer=plugin_pb2.ListMetadataResponse.FromString,
         )
-        self._workers = _WorkerPool(self._admit, max_workers)
+        self._workers = DaemonThreads(max_workers, name="cipdplugin-admission")
 
     def serve(self, version: str) -> int:
         stream = self._list(
@@ -185,7 +185,7 @@ class _Server:
         self._stopping_watch.start()
         try:
             for admission in stream:
-                self._workers.submit(admission)
+                self._workers.submit(self._admit, admission)
         except grpc.RpcError as exc:
             code, details = rpc_error_parts(exc)
             if code in _STOP_CODES:
@@ -197,6 +197,7 @@ class _Server:
             return 3 if code is grpc.StatusCode.FAILED_PRECONDITION else 1
         finally:
             self._stopping.set()
+            # Not waited for: a handler stuck in user code must not hold the plugin.
             self._workers.stop()
         return 0
 
@@ -205,7 +206,12 @@ class _Server:
         stream.cancel()
 
     def _admit(self, admission: plugin_pb2.Admission) -> None:
-        status = self._decide(admission)
+        try:
+            status = self._decide(admission)
+        except BaseException:
+            # _decide answers every exception of the handler; this is ours.
+            _logger.exception("cannot decide admission %s", admission.admission_id)
+            raise
         resolution = plugin_pb2.ResolveAdmissionRequest(admission_id=admission.admission_id)
         if status is not None:
             resolution.status.CopyFrom(status)
@@ -247,55 +253,3 @@ class _Server:
 
 def _status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
     return status_pb2.Status(code=code.value[0], message=message)
-
-
-class _WorkerPool:
-    """Daemon worker threads, started on demand up to a limit.
-
-    Daemons, unlike ``ThreadPoolExecutor`` workers, cannot hold the process
-    open at exit when a handler is stuck.
-    """
-
-    def __init__(self, work: Callable[[plugin_pb2.Admission], None], max_workers: int) -> None:
-        self._work = work
-        self._max_workers = max_workers
-        self._items: queue.SimpleQueue[plugin_pb2.Admission | None] = queue.SimpleQueue()
-        # Guards the fields below.
-        self._lock = threading.Lock()
-        self._workers: list[threading.Thread] = []
-        self._idle = 0  # workers waiting for an item
-        self._stopped = False
-
-    def submit(self, item: plugin_pb2.Admission) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            if self._idle == 0 and len(self._workers) < self._max_workers:
-                thread = threading.Thread(
-                    target=self._worker, name=f"cipdplugin-admission-{len(self._workers)}", daemon=True
-                )
-                self._workers.append(thread)
-                thread.start()
-            else:
-                self._idle -= 1
-        self._items.put(item)
-
-    def stop(self) -> None:
-        """Tell every worker to leave once its current item is done (not waited for)."""
-        with self._lock:
-            self._stopped = True
-            count = len(self._workers)
-        for _ in range(count):
-            self._items.put(None)
-
-    def _worker(self) -> None:
-        while True:
-            item = self._items.get()  # Cannot hang for good: stop() sends one None per worker.
-            if item is None:
-                return
-            try:
-                self._work(item)
-            except Exception:
-                _logger.exception("admission worker failed")
-            with self._lock:
-                self._idle += 1
