@@ -19,11 +19,14 @@ STOP_GRACE = 1.0
 #: the SDK is gone before the host would SIGTERM it.
 SDK_STOP_GRACE = STOP_GRACE / 2
 #: Bound on the wait for SIGKILLed processes to vanish: they cannot refuse,
-#: so this only covers the kernel's and the reaper's latency.
-KILL_SETTLE = 1.0
-#: Bound on stopping the gRPC server, added to ``close()``'s deadline. Active
-#: calls are cancelled, not drained, so this is only thread wake-up latency.
-SERVER_STOP = 1.0
+#: so this only covers the kernel's and the reaper's latency (milliseconds,
+#: or a few hundred on a machine under load).
+KILL_SETTLE = 0.3
+#: What ``Host.close()`` may take beyond its kill deadline: SIGKILLed
+#: processes vanishing (``KILL_SETTLE``), the server's threads leaving and
+#: the audit log writing what it holds all fit in it. One budget for the
+#: whole close: ``close()`` returns within the kill deadline plus this.
+CLOSE_MARGIN = 0.5
 #: After a plugin's stream breaks, how long to wait for its exit status so the
 #: error can say "exited with code N". The Go host waits 50 ms; our exit is
 #: noticed by a monitor thread that may wait for the GIL behind busy server
@@ -37,13 +40,6 @@ EXIT_STATUS_WAIT = 1.0
 #: not when the plugin has read it; a plugin that exits on stdin EOF must
 #: still learn why it was refused.
 REFUSAL_GRACE = 1.0
-#: Bound on ``close()`` waiting for a launch in progress (Popen plus the
-#: server's start); a launch that takes longer is cleaned up by its launcher.
-LAUNCH_JOIN = 2.0
-#: Added to ``Host.close()``'s deadline for the audit log to write what it
-#: still holds: formatting and writing thousands of records takes tens of
-#: milliseconds, and only a sink that hangs needs the rest.
-AUDIT_FLUSH = 0.5
 
 # -- Admission plugins -------------------------------------------------------
 
@@ -56,11 +52,10 @@ DEFAULT_MAX_PENDING = 1024
 #: the Go SDK and ours keep. A check whose Admission is larger is refused
 #: before it is sent, alone, instead of breaking the plugin's stream.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-#: The stream thread's longest sleep between looks at its call. gRPC's
-#: termination callback wakes it at once when it can take the plugin's lock
-#: without waiting; when it cannot (the lock's holder is being interrupted by
-#: a signal handler), the stream notices within this interval.
-STREAM_RECHECK = 0.5
+#: ResolveAdmission calls a plugin may have open beyond one per unsettled
+#: check: room for answers that race their check's deadline. Answers are
+#: never refused for capacity otherwise.
+ANSWER_SLACK = 64
 
 # -- Metadata ----------------------------------------------------------------
 
@@ -77,12 +72,16 @@ REPOSITORY_PAGE_SIZE = 100
 
 #: Tickets are this many random bytes (before base64), as the Go host's.
 TICKET_BYTES = 64
-#: Bound on the server's threads and on the calls it serves at once: each
-#: connected admission plugin holds one for its stream (the SPEC asks for 32
-#: plugins at once), short calls reuse idle threads. Calls beyond it are
-#: refused with RESOURCE_EXHAUSTED without taking a thread; calls without a
-#: valid ticket are refused before they can hold one.
-MAX_CONCURRENT_RPCS = 256
+#: Short calls (Log, ListMetadata) one plugin may have open at once; each
+#: holds a server thread while open. Per plugin, so that one plugin using up
+#: its budget delays no other; large enough for a plugin that lists the
+#: metadata of every pin of a deployment at once (the Go example plugin
+#: does). Calls beyond it are refused with RESOURCE_EXHAUSTED before they
+#: take a thread; calls without a valid ticket are refused before that.
+PLUGIN_CALL_BUDGET = 1024
+#: How much sooner than its caller's deadline the host gives up on a
+#: repository that takes a timeout: time for the answer to reach the plugin.
+METADATA_ANSWER_MARGIN = 1.0
 
 # -- Output of plugins ---------------------------------------------------------
 

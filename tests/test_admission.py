@@ -257,8 +257,11 @@ def test_plugin_not_found(baseline: ResourceSnapshot, make_host: HostFactory, tm
     assert isinstance(error, PluginStartError)
     assert missing in error.message
     assert "No such file" in error.message
-    # Broken for good: later checks fail at once with the same error.
-    assert plugin.check_admission(pin(2)).exception(timeout=1) is error
+    # Broken for good: later checks fail at once, saying so and what to do.
+    later = plugin.check_admission(pin(2)).exception(timeout=1)
+    assert isinstance(later, PluginStartError) and later.code is error.code
+    assert later.message.startswith(error.message)
+    assert "new_admission_plugin" in later.message
     assert plugin.state is PluginState.BROKEN
     # The host itself is fine.
     good = host.new_admission_plugin(plugin_cmd("admit"))
@@ -303,7 +306,8 @@ def test_crash_midway(baseline: ResourceSnapshot, make_host: HostFactory) -> Non
     assert "exited with code 7" in error.message
     # The plugin is broken for good; its answered check stays answered.
     assert plugin.state is PluginState.BROKEN
-    assert plugin.check_admission(pin(3)).exception(timeout=1) is error
+    later = plugin.check_admission(pin(3)).exception(timeout=1)
+    assert isinstance(later, PluginAbortedError) and later.message.startswith(error.message)
     assert plugin.check_admission(pin(1)).result(timeout=1) is None
     host.close()
     assert_no_leaks(baseline)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import calendar
-import contextlib
-import functools
 import io
 import json
 import logging
@@ -14,15 +12,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cipdplugin import AdmissionDenied, Config, Host, Pin, StaticRepository
-from cipdplugin.host import AdmissionFuture
+from cipdplugin.deadline import Deadline
 from cipdplugin.host.audit import AuditLog, format_timestamp
+from cipdplugin.host.checks import AdmissionChecks, Check
+from cipdplugin.protocol import plugin_pb2
 from tests.conftest import SERVICE_URL, ResourceSnapshot, assert_no_leaks, hex_id, plugin_cmd, wait_until
 
 FIELDS = [
@@ -293,28 +293,23 @@ def test_racing_settlers_record_exactly_the_outcome_that_wins() -> None:
     # be the one outcome the promise ends with, written once.
     records: list[dict[str, Any]] = []
     audit = AuditLog(records.append, logger=logging.getLogger("cipdplugin"))
+
+    def record(check: Check, outcome: BaseException | None) -> None:
+        audit.record_check(
+            check.pin, outcome, plugin="p", plugin_version="1", service_url="", enqueued=check.queued_at
+        )
+
+    checks = AdmissionChecks(name="p", max_pending=1000, check_timeout=None, on_settling=record)
     futures = []
     for n in range(300):
-        future = AdmissionFuture()
-        future.on_resolving = functools.partial(
-            audit.record_check,
-            Pin("ok/a", hex_id(n)),
-            plugin="p",
-            plugin_version="1",
-            service_url="",
-            enqueued=time.monotonic(),
-        )
-        futures.append(future)
+        admission = plugin_pb2.Admission(admission_id=f"id-{n}", package="ok/a")
+        futures.append(checks.add(Pin("ok/a", hex_id(n)), admission, Deadline(None)))
     start = threading.Barrier(2)
 
     def settle(outcome: BaseException | None) -> None:
         start.wait(10)
-        for future in futures:
-            with contextlib.suppress(InvalidStateError):
-                if outcome is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(outcome)
+        for n in range(len(futures)):
+            checks.resolve(f"id-{n}", outcome)
 
     threads = [
         threading.Thread(target=settle, args=(None,)),

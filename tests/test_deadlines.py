@@ -121,13 +121,15 @@ def test_deadlines_fire_in_order_and_stop_ends_the_thread() -> None:
             done.set()
 
     deadlines = CheckDeadlines(0.05, expired, name="test")
-    for key in range(3):
-        deadlines.arm(key)
+    deadlines.arm([0, 1])
+    deadlines.arm([2, 3])
+    deadlines.disarm(3)  # answered: never fires, and is not kept
+    assert len(deadlines) == 3
     assert done.wait(10)
-    assert fired == [0, 1, 2]
-    deadlines.arm(99)
+    assert fired == [0, 1, 2] and len(deadlines) == 0
+    deadlines.arm([99])
     deadlines.stop()  # forgets 99 before it is due
     deadlines.join(10)
-    deadlines.arm(100)  # after stop: ignored
+    deadlines.arm([100])  # after stop: ignored
     assert fired == [0, 1, 2]
     assert not any(t.name == "cipdplugin-deadlines-test" for t in threading.enumerate())

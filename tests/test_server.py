@@ -28,7 +28,6 @@ from cipdplugin import (
     PluginStartError,
     StaticRepository,
 )
-from cipdplugin.constants import MAX_CONCURRENT_RPCS
 from cipdplugin.host import PluginState
 from cipdplugin.host.transport import new_ticket
 from cipdplugin.protocol import HOST_LOG, plugin_pb2
@@ -57,6 +56,10 @@ from tests.conftest import (
 #: A plugin run under an interpreter is named after its script.
 PLUGIN_NAME = GENERIC_PLUGIN.name
 METHODS = ("Log", "ListMetadata", "ListAdmissions", "ResolveAdmission")
+#: Threads this process may run while 1,100 unticketed calls are refused:
+#: refusals take a server thread for a moment only, so a burst of them
+#: leaves a few hundred at most.
+REFUSAL_THREAD_BOUND = 288
 
 
 @pytest.fixture(autouse=True)
@@ -328,7 +331,7 @@ def test_unticketed_calls_cannot_hold_the_server(make_host: HostFactory, tmp_pat
     assert result["open"] == 0 and sum(codes.values()) == 1100
     assert set(codes) <= {"UNAUTHENTICATED", "CANCELLED"}
     assert codes.get("UNAUTHENTICATED", 0) >= 1000
-    assert threading.active_count() <= MAX_CONCURRENT_RPCS + 32
+    assert threading.active_count() <= REFUSAL_THREAD_BOUND
 
 
 def test_close_twice(baseline: ResourceSnapshot, make_host: HostFactory) -> None:

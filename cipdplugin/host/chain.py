@@ -19,14 +19,16 @@ that plugin. The chain only records the pins no plugin covers, as
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 
 import grpc
 
-from cipdplugin.errors import AdmissionError
-from cipdplugin.host.admission import AdmissionFuture, AdmissionPlugin
+from cipdplugin.errors import AdmissionError, PluginAbortedError
+from cipdplugin.host.admission import AdmissionPlugin
+from cipdplugin.host.promises import HostFuture, settle, settled
 from cipdplugin.pins import Pin, validate_package_name
 from cipdplugin.status import ERROR, verdict_of
 
@@ -108,7 +110,7 @@ class AdmissionChain:
         # Guards the cache. Held only to look up and insert, never while a
         # plugin is asked: its check_admission may block on a full queue.
         self._lock = threading.Lock()
-        self._promises: dict[Pin, AdmissionFuture] = {}
+        self._promises: dict[Pin, HostFuture[None]] = {}
 
     @property
     def members(self) -> tuple[tuple[AdmissionPlugin, tuple[str, ...]], ...]:
@@ -126,33 +128,42 @@ class AdmissionChain:
         first plugin in chain order that failed the check (an error beats a
         denial), or else of the first that denied, of the same type as the
         plugin's and with a message naming the plugin. It resolves once
-        every covering plugin has answered. The same pin gets the same
-        Future until ``clear_cache()``. Blocks while a plugin's queue is full.
+        every covering plugin has answered; only the host settles it. The
+        same pin gets the same Future until ``clear_cache()``. Blocks while
+        a plugin's queue is full. An exception raised while asking (a
+        KeyboardInterrupt, say) fails the plugins not yet asked, so the
+        Future still resolves once the others answer.
 
         Raises:
             InvalidPinError: ``pin`` is a malformed ``"package:instance_id"`` string.
         """
         if not isinstance(pin, Pin):
             pin = Pin.parse(pin)
-        with self._lock:
-            future = self._promises.get(pin)
-            if future is not None:
-                return future
-            future = self._promises[pin] = AdmissionFuture()
-        asked = [plugin for plugin, scope in self._members if covers(scope, pin.package)]
-        if not asked:
-            self._record_unscoped(pin)
-            future.set_result(None)
+        future = self._promises.get(pin)  # a single lookup: atomic
+        if future is not None:
             return future
-        answers: list[Future[None]] = []
-        for plugin in asked:
-            try:
-                answers.append(plugin.check_admission(pin))
-            except Exception as exc:  # a closed host, say: an error like any other
-                failed: Future[None] = Future()
-                failed.set_exception(exc)
-                answers.append(failed)
-        _Combination(future, asked, answers)
+        asked = [plugin for plugin, scope in self._members if covers(scope, pin.package)]
+        combination = None
+        try:
+            with self._lock:
+                future = self._promises.get(pin)
+                if future is not None:
+                    return future
+                future = HostFuture()
+                combination = _Combination(future, asked)
+                # Cached only with the combination that settles it.
+                self._promises[pin] = future
+            if not asked:
+                self._record_unscoped(pin)
+            for slot, plugin in enumerate(asked):
+                try:
+                    answer = plugin.check_admission(pin)
+                except Exception as exc:  # a closed host, say: an error like any other
+                    answer = settled(exc)
+                combination.add(slot, answer)
+        finally:
+            if combination is not None:
+                combination.fail_unasked()
         return future
 
     def clear_cache(self) -> None:
@@ -172,29 +183,54 @@ class AdmissionChain:
 
 
 class _Combination:
-    """Resolves a chain's promise once every asked plugin has answered."""
+    """Settles a chain's promise once every asked plugin has answered.
 
-    def __init__(self, future: AdmissionFuture, plugins: list[AdmissionPlugin], answers: list[Future[None]]):
+    Each plugin has a slot, in chain order. An answer counts once per slot,
+    however often its slot is registered, so that ``fail_unasked`` can
+    fill every slot an interrupted ``check_admission`` left without a
+    registered answer, and none is counted twice.
+    """
+
+    def __init__(self, future: HostFuture[None], plugins: list[AdmissionPlugin]):
         self._future = future
         self._plugins = plugins
-        self._answers = answers
-        # Guards ``_waiting``; the callbacks run on whichever threads resolve the answers.
+        # Guards the fields below; the callbacks run on whichever threads
+        # settle the answers.
         self._lock = threading.Lock()
-        self._waiting = len(answers)
-        for answer in answers:
-            answer.add_done_callback(self._answered)
+        self._answers: list[Future[None] | None] = [None] * len(plugins)  # by slot
+        self._registered: list[bool] = [False] * len(plugins)  # the slot's callback was added
+        self._answered_slots: set[int] = set()
+        self._done = not plugins
+        if not plugins:
+            settle(future, None)
 
-    def _answered(self, _: Future[None]) -> None:
+    def add(self, slot: int, answer: Future[None]) -> None:
+        """Plugin ``slot``'s answer."""
+        self._answers[slot] = answer
+        answer.add_done_callback(functools.partial(self._answered, slot))
+        self._registered[slot] = True
+
+    def fail_unasked(self) -> None:
+        """Plugins whose answer was not registered (asking was interrupted) count as failed."""
+        for slot, registered in enumerate(self._registered):
+            if not registered:
+                self.add(
+                    slot,
+                    settled(PluginAbortedError("the check was interrupted before this plugin was asked")),
+                )
+
+    def _answered(self, slot: int, _: Future[None]) -> None:
         with self._lock:
-            self._waiting -= 1
-            if self._waiting:
+            self._answered_slots.add(slot)
+            if self._done or len(self._answered_slots) < len(self._plugins):
                 return
-        outcomes = [answer.exception(timeout=0) for answer in self._answers]
+            self._done = True  # first to see every slot answered settles
+        outcomes = [answer.exception(timeout=0) if answer is not None else None for answer in self._answers]
         failures = [(p, e) for p, e in zip(self._plugins, outcomes, strict=True) if e is not None]
         errors = [(p, e) for p, e in failures if verdict_of(e).verdict == ERROR]
         blamed = errors or failures
         if not blamed:
-            self._future.set_result(None)
+            settle(self._future, None)
         else:
             plugin, error = blamed[0]
-            self._future.set_exception(_named(error, plugin.name))
+            settle(self._future, _named(error, plugin.name))

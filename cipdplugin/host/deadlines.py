@@ -1,21 +1,23 @@
 """Per-check deadlines of one admission plugin: one timer thread, not one per check.
 
-Every check of a plugin gets the same ``check_timeout`` and is armed when it
-is sent, in sending order, so deadlines fall due in the order they were
-armed: a FIFO queue is all the bookkeeping needed. A check answered in time
-stays in the queue until its deadline and is skipped then (``on_expired``
-finds nothing to do), which is cheaper than removing it on every answer.
+Every check of a plugin gets the same ``check_timeout``, counted from when
+the check was queued or the plugin connected, whichever is later. Checks
+are armed in that order, so deadlines fall due in the order they were armed:
+an insertion-ordered table is all the bookkeeping needed, with the earliest
+deadline at its head. An answered check is disarmed at once, so the keeper
+holds only checks still waiting.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
-from collections.abc import Callable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from cipdplugin.deadline import Deadline, checked_timeout
+from cipdplugin.deadline import checked_timeout
 
 Key = TypeVar("Key")
 
@@ -31,11 +33,11 @@ def checked_check_timeout(value: object) -> float | None:
 
 
 class CheckDeadlines(Generic[Key]):
-    """Calls ``on_expired(key)`` ``timeout`` seconds after each ``arm(key)``.
+    """Calls ``on_expired(key)`` ``timeout`` seconds after ``arm(key)``, unless disarmed.
 
     The timer thread starts with the first ``arm`` and ends at ``stop()``;
     the owner joins it with ``join()``. ``on_expired`` runs on that thread,
-    outside any lock of this object.
+    outside this object's lock. Keys must be hashable and distinct.
     """
 
     def __init__(self, timeout: float, on_expired: Callable[[Key], None], *, name: str) -> None:
@@ -43,35 +45,44 @@ class CheckDeadlines(Generic[Key]):
         self._on_expired = on_expired
         self._name = name
         # Guards the fields below; the condition wakes the timer thread.
-        # Re-entrant: the plugin's close may run in a signal handler that
-        # interrupted this thread inside arm().
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._pending: deque[tuple[Deadline, Key]] = deque()  # falling due in this order
+        self._due: OrderedDict[Key, float] = OrderedDict()  # key -> monotonic due time, in arming order
         self._stopped = False
         self._thread: threading.Thread | None = None  # started by the first arm()
 
-    def arm(self, key: Key) -> None:
-        """Start ``key``'s deadline now. Does nothing once stopped."""
-        due = Deadline(self._timeout)
+    def __len__(self) -> int:
+        """Checks armed and not yet disarmed or expired."""
+        return len(self._due)
+
+    def arm(self, keys: Iterable[Key]) -> None:
+        """Start the deadlines of ``keys`` now. Does nothing once stopped."""
+        due = time.monotonic() + self._timeout
         with self._lock:
             if self._stopped:
                 return
-            if self._thread is None:
+            was_empty = not self._due
+            for key in keys:
+                self._due[key] = due
+            if self._thread is None and self._due:
                 self._thread = threading.Thread(
                     target=self._run, name=f"cipdplugin-deadlines-{self._name}", daemon=True
                 )
                 self._thread.start()
-            self._pending.append((due, key))
-            if len(self._pending) == 1:
+            if was_empty:
                 # Only a new head changes when the thread must wake.
                 self._changed.notify()
+
+    def disarm(self, key: Key) -> None:
+        """Forget ``key``'s deadline (its check was settled otherwise)."""
+        with self._lock:
+            self._due.pop(key, None)
 
     def stop(self) -> None:
         """Forget every deadline and tell the thread to end; does not wait."""
         with self._lock:
             self._stopped = True
-            self._pending.clear()
+            self._due.clear()
             self._changed.notify()
 
     def join(self, timeout: float | None) -> None:
@@ -83,15 +94,26 @@ class CheckDeadlines(Generic[Key]):
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._stopped and not (self._pending and self._pending[0][0].expired()):
-                    # Cannot hang: arm() notifies when the queue gains a head,
-                    # and stop() always notifies.
-                    self._changed.wait(self._pending[0][0].remaining() if self._pending else None)
+                while not self._stopped:
+                    if self._due:
+                        wait = next(iter(self._due.values())) - time.monotonic()
+                        if wait <= 0:
+                            break
+                    else:
+                        wait = None
+                    # Cannot hang: arm() notifies when the table gains a
+                    # head, and stop() always notifies.
+                    self._changed.wait(wait)
                 if self._stopped:
                     return
+                now = time.monotonic()
                 expired = []
-                while self._pending and self._pending[0][0].expired():
-                    expired.append(self._pending.popleft()[1])
+                while self._due:
+                    key, due = next(iter(self._due.items()))
+                    if due > now:
+                        break
+                    self._due.popitem(last=False)
+                    expired.append(key)
             for key in expired:
                 try:
                     self._on_expired(key)

@@ -8,23 +8,31 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from typing import Protocol
 
 from cipdplugin.config import Config
-from cipdplugin.constants import AUDIT_FLUSH, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING, SERVER_STOP
+from cipdplugin.constants import CLOSE_MARGIN, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING
 from cipdplugin.deadline import Deadline
-from cipdplugin.errors import PluginStartError
+from cipdplugin.errors import PluginAbortedError, PluginStartError
 from cipdplugin.host.admission import AdmissionPlugin
+from cipdplugin.host.admission_service import ADMISSIONS_SERVICE
 from cipdplugin.host.audit import AuditLog, AuditTarget
+from cipdplugin.host.host_service import HOST_SERVICE, HostServant
+from cipdplugin.host.lifecycle import PluginLifecycle, PluginState, close_on_own_thread, wait_for_close
 from cipdplugin.host.process import FORKS, PluginProcess, display_name, termination_span
-from cipdplugin.host.transport import PluginServer, PluginSession, ServerStartError
+from cipdplugin.host.transport import PluginServer, PluginSession, ServerStartError, Service
 
 
 class PluginController(Protocol):
-    """What a plugin kind gives ``Host.launch_plugin``: the object the
-    transport routes the plugin's calls to (each service checks its type).
-    It learns of the process's exit through ``PluginProcess.exited``."""
+    """What ``Host.launch_plugin`` routes a plugin's calls to.
+
+    ``services`` (optional) maps each gRPC service name the plugin may call
+    to the object serving it (see ``cipdplugin.host.transport.Service``);
+    every plugin may call ``cipd.plugin.Host``. A controller without
+    ``services`` gives the plugin that service only.
+    """
 
 
 class Host:
@@ -37,6 +45,9 @@ class Host:
     that process, ``close()`` does nothing (the plugins are the parent's),
     launching raises ``RuntimeError``, and the exit hook leaves it alone.
     """
+
+    #: The services of every plugin kind, registered with the transport.
+    SERVICES: tuple[Service, ...] = (HOST_SERVICE, ADMISSIONS_SERVICE)
 
     def __init__(
         self,
@@ -72,20 +83,18 @@ class Host:
             None if audit_log is None else AuditLog(audit_log, enforced=enforce, logger=self.logger)
         )
         self._enforce = bool(enforce)
-        self._server = PluginServer(lambda: self._config, self.logger, port=port)
+        self._server = PluginServer(self.SERVICES, self.logger, port=port)
         self._fork_generation = FORKS.generation
-        # Guards the fields below. Re-entrant: close() may run in a signal
-        # handler that interrupted this thread inside the lock.
-        self._lock = threading.RLock()
+        # Guards the fields below; held only for a moment, never while calling out.
+        self._lock = threading.Lock()
         self._config = config
         self._launched = False  # a plugin was launched: the config is fixed
-        self._closing = False  # close() was called
-        self._close_threads: set[int] = set()  # the first close()'s thread and its stoppers
-        # Admission plugins made here. Weak: a running one is also held by
-        # its process's exit callback, and a dropped idle one needs no close.
-        self._plugins: weakref.WeakSet[AdmissionPlugin] = weakref.WeakSet()
-        self._processes: set[PluginProcess] = set()  # running processes of any kind
-        self._close_finished = threading.Event()  # the first close() has returned
+        self._closed: Future[None] | None = None  # the close, once close() was called
+        # The plugins of every kind made here. Weak: a running one is also
+        # held by its launcher and its process's exit callback, and a dropped
+        # idle one needs no close.
+        self._lifecycles: weakref.WeakSet[PluginLifecycle] = weakref.WeakSet()
+        self._processes: set[PluginProcess] = set()  # launched by launch_plugin, for no lifecycle
         _live_hosts.add(self)
 
     @property
@@ -95,12 +104,17 @@ class Host:
     @property
     def closed(self) -> bool:
         """Whether ``close()`` has been called (it may still be running)."""
-        return self._closing
+        return self._closed is not None
 
     @property
     def port(self) -> int:
         """The loopback port plugins connect to; 0 until the first launch."""
         return self._server.port
+
+    @property
+    def server(self) -> PluginServer:
+        """The gRPC server plugins call."""
+        return self._server
 
     @property
     def audit_log(self) -> AuditLog | None:
@@ -124,7 +138,7 @@ class Host:
             RuntimeError: a plugin was already launched, or the host is closed.
         """
         with self._lock:
-            if self._closing:
+            if self._closed is not None:
                 raise RuntimeError("the host is closed")
             if self._launched:
                 raise RuntimeError("Host.initialize must be called before any plugin is launched")
@@ -147,8 +161,9 @@ class Host:
         """An admission plugin for ``cmdline``; it starts on its first check.
 
         ``check_timeout``: a check not answered within that many seconds of
-        being sent to the plugin fails with ``AdmissionError``
-        DEADLINE_EXCEEDED, and a late answer is ignored (None: no limit).
+        being queued (or of the plugin connecting, if later) fails with
+        ``AdmissionError`` DEADLINE_EXCEEDED, and a late answer is ignored
+        (None: no limit).
 
         Raises:
             ValueError: ``cmdline`` is not a non-empty list of strings,
@@ -158,7 +173,7 @@ class Host:
                 number, or ``max_pending`` is not an int.
             RuntimeError: the host is closed, or belongs to a parent process.
         """
-        cmdline = _checked_cmdline(cmdline)
+        cmdline = checked_cmdline(cmdline)
         self._check_owner()
         plugin = AdmissionPlugin(
             self,
@@ -168,47 +183,61 @@ class Host:
             check_timeout=check_timeout,
         )
         with self._lock:
-            if self._closing:
+            if self._closed is not None:
                 raise RuntimeError("the host is closed")
-            self._plugins.add(plugin)
+            self._lifecycles.add(plugin.lifecycle)
         return plugin
 
     def launch_plugin(self, cmdline: Sequence[str], controller: PluginController) -> PluginProcess:
         """Start a plugin process and hand it its handshake.
 
         The server starts with the first launch, while the process boots.
-        ``controller`` is what the plugin's calls are routed to.
+        The plugin's calls go to ``controller.services`` (see
+        ``PluginController``). The process is terminated by ``close()``.
 
         Raises:
             PluginStartError: the executable cannot be started, the server
                 cannot start, or the host is closed.
             RuntimeError: the host belongs to a parent process.
         """
-        cmdline = _checked_cmdline(cmdline)
+        process, _ = self._launch(cmdline, getattr(controller, "services", {}), owned=False)
+        return process
+
+    def launch_session(
+        self, cmdline: Sequence[str], services: Mapping[str, object]
+    ) -> tuple[PluginProcess, PluginSession]:
+        """``launch_plugin`` for a plugin kind's lifecycle, which terminates
+        the process itself: the process and the transport's session."""
+        return self._launch(cmdline, services, owned=True)
+
+    def forget_session(self, session: PluginSession) -> None:
+        """Forget a plugin's ticket: its later calls get PERMISSION_DENIED."""
+        self._server.forget(session)
+
+    def _launch(
+        self, cmdline: Sequence[str], services: Mapping[str, object], *, owned: bool
+    ) -> tuple[PluginProcess, PluginSession]:
+        cmdline = checked_cmdline(cmdline)
         self._check_owner()
         name = display_name(cmdline)
         with self._lock:
-            if self._closing:
+            if self._closed is not None:
                 raise PluginStartError(f"cannot start plugin {name!r}: the host is closed")
             self._launched = True
         # Launched outside the lock (Popen may take a while); registered, or
         # terminated if close() began meanwhile, under it.
         process = PluginProcess(cmdline, logger=self.logger)
         with self._lock:
-            refused = self._closing
-            if not refused:
+            refused = self._closed is not None
+            if not refused and not owned:
                 self._processes.add(process)
         if refused:
             process.terminate()
             raise PluginStartError(f"cannot start plugin {name!r}: the host is closed")
-        session = PluginSession(name=name, controller=controller, process=process)
-
-        def forget(_: object) -> None:
-            self._server.forget(session)
-            with self._lock:
-                self._processes.discard(process)
-
-        process.exited.add_done_callback(forget)
+        servants = {HOST_SERVICE.name: HostServant(name, lambda: self._config, self.logger), **services}
+        session = self._server.new_session(name, servants)
+        session.process = process
+        process.exited.add_done_callback(lambda _: self._server.forget(session))
         try:
             port = self._server.start()
         except ServerStartError as exc:
@@ -218,58 +247,75 @@ class Host:
             self._server.register(session)
         handshake = json.dumps({"port": port, "ticket": session.ticket}, separators=(",", ":"))
         process.write_line(handshake.encode("ascii") + b"\n")
-        return process
+        return process, session
 
     def close(self, timeout: float | None = None) -> None:
         """Terminate every plugin in parallel and stop the server. Idempotent.
 
-        Pending checks fail with ``PluginAbortedError``, on this thread.
-        Returns within the termination deadline (5 s, or ``timeout`` if
-        shorter) plus a small constant. A concurrent second call waits for
-        the first, unless it comes from the first itself (a Future callback
-        that closes the host): then it returns at once. Safe from a signal
-        handler. In a child process forked from the host's, does nothing.
+        Pending checks fail with ``PluginAbortedError`` (their callbacks run
+        on the closing thread). Plugins get their stdin closed, SIGTERM after
+        a grace period, and SIGKILL at the kill deadline: 5 s, or ``timeout``
+        if shorter. Returns within that deadline plus ``CLOSE_MARGIN`` (0.5 s),
+        with the audit log written and flushed. The close runs on a thread
+        of its own, so it is safe from a signal handler; a second call waits
+        for the first, unless it comes from the closing thread itself (a
+        Future callback that closes the host): then it returns at once. In a
+        child process forked from the host's, does nothing.
         """
         if self._fork_generation != FORKS.generation:
             return
-        span = termination_span(timeout)
-        deadline = Deadline(span)
         with self._lock:
-            first = not self._closing
-            nested = threading.get_ident() in self._close_threads
-            self._closing = True
-            self._close_threads.add(threading.get_ident())
-            plugins, processes = list(self._plugins), list(self._processes)
-        if not first:
-            if not nested:
-                self._close_finished.wait(span + SERVER_STOP)
-            return
+            closed = self._closed
+            if closed is None:
+                self._closed = closed = Future()
+                first = True
+            else:
+                first = False
+        if first:
+            done = close_on_own_thread(self._close_all, timeout=timeout, name="cipdplugin-host-close")
+            done.add_done_callback(lambda _: closed.set_result(None))
+        else:
+            wait_for_close(closed, Deadline(termination_span(timeout)))
+
+    def _close_all(self, deadline: Deadline) -> None:
+        """The close itself, on the closing thread: one deadline for everything."""
+        assert deadline.moment is not None
+        # The closer's own end comes a moment before its callers stop
+        # waiting for it, so that what it reports is reported by then.
+        final = Deadline.at(deadline.moment + 0.9 * CLOSE_MARGIN)
         try:
-            for plugin in plugins:
-                plugin.begin_close()
-            stoppers = [self._stopper(plugin.close, span) for plugin in plugins]
-            stoppers += [self._stopper(process.terminate, span) for process in processes]
+            with self._lock:
+                lifecycles, processes = list(self._lifecycles), list(self._processes)
+            # First, on this thread: pending checks fail at once.
+            for lifecycle in lifecycles:
+                lifecycle.end(PluginAbortedError(f"plugin {lifecycle.name!r} was closed"), PluginState.CLOSED)
+            stoppers = [
+                threading.Thread(
+                    target=lifecycle.close, args=(deadline,), name="cipdplugin-stopper", daemon=True
+                )
+                for lifecycle in lifecycles
+            ]
+            stoppers += [
+                threading.Thread(
+                    target=process.terminate,
+                    kwargs={"deadline": deadline},
+                    name="cipdplugin-stopper",
+                    daemon=True,
+                )
+                for process in processes
+            ]
             for thread in stoppers:
                 thread.start()
+            # The server serves the plugins while they leave (a plugin's last
+            # log records come then), and stops once they are gone.
             for thread in stoppers:
-                # Each stopper bounds itself by the deadline; the margin
-                # covers the SIGKILL settling time.
-                thread.join(deadline.remaining_or(span) + SERVER_STOP)
-            self._server.stop(SERVER_STOP)
+                thread.join(final.remaining())
+            self._server.stop(final)
         finally:
             if self._audit_log is not None:
                 # Last: closing the plugins settled their pending checks.
-                self._audit_log.close(deadline.remaining_or(span) + AUDIT_FLUSH)
+                self._audit_log.close(final.remaining())
             _live_hosts.discard(self)
-            self._close_finished.set()
-
-    def _stopper(self, stop: Callable[[float], object], span: float) -> threading.Thread:
-        def run() -> None:
-            with self._lock:
-                self._close_threads.add(threading.get_ident())
-            stop(span)
-
-        return threading.Thread(target=run, name="cipdplugin-stopper", daemon=True)
 
     def _check_owner(self) -> None:
         if self._fork_generation != FORKS.generation:
@@ -278,7 +324,7 @@ class Host:
             )
 
 
-def _checked_cmdline(cmdline: Sequence[str]) -> list[str]:
+def checked_cmdline(cmdline: Sequence[str]) -> list[str]:
     if isinstance(cmdline, (str, bytes)) or not isinstance(cmdline, Sequence):
         raise ValueError(f"a plugin command line must be a list of strings, got {cmdline!r}")
     if not cmdline or not all(isinstance(arg, str) for arg in cmdline) or not cmdline[0]:

@@ -164,6 +164,10 @@ class PluginProcess:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         # Guards stdin against a write racing with its close.
         self._stdin_lock = threading.Lock()
+        # Guards _terminating: the first terminate() does the work, later
+        # ones wait for the exit it brings.
+        self._terminate_lock = threading.Lock()
+        self._terminating = False
         # Guards _family: every descendant seen while the plugin ran and not
         # yet known to have exited, by pid. The monitor adds to it; terminate
         # signals it.
@@ -241,30 +245,42 @@ class PluginProcess:
                 with contextlib.suppress(OSError):
                     stdin.close()
 
-    def terminate(self, timeout: float | None = None) -> int | None:
+    def terminate(self, timeout: float | None = None, *, deadline: Deadline | None = None) -> int | None:
         """Stop the plugin and every process it started; return its exit status.
 
         Closes stdin; after a grace period sends SIGTERM to the plugin, its
-        process group and session, and its descendants; at the deadline (5 s,
-        or ``timeout`` if shorter) sends SIGKILL to whatever is left. The
-        descendants signalled are those running now and every one the monitor
-        saw while the plugin ran (see docs/reliability.md for what can still
-        escape). Returns within the deadline plus a small constant; safe to
-        call from several threads and more than once.
+        process group and session, and its descendants; at the deadline (5 s
+        from now, or ``timeout`` if shorter, or ``deadline`` when given)
+        sends SIGKILL to whatever is left. The descendants signalled are
+        those running now and every one the monitor saw while the plugin ran
+        (see docs/reliability.md for what can still escape). Returns within
+        the deadline plus ``KILL_SETTLE``.
+
+        The process is terminated once: a later or concurrent call waits for
+        the first one's work, until its own deadline plus ``KILL_SETTLE``.
         """
-        deadline_span = termination_span(timeout)
-        deadline = Deadline(deadline_span)
+        if deadline is None:
+            deadline = Deadline(termination_span(timeout))
+        with self._terminate_lock:
+            first, self._terminating = not self._terminating, True
+        if not first:
+            self.done.wait(deadline.remaining_or(KILL_DEADLINE) + KILL_SETTLE)
+            return self.returncode
+        span = deadline.remaining_or(KILL_DEADLINE)
         family = self._remember_family()
         self.close_stdin()
-        if not self.done.wait(min(STOP_GRACE, deadline_span / 2)):
+        if not self.done.wait(min(STOP_GRACE, span / 2)):
             family = self._remember_family()
         # Signalled even if the plugin left: what it started must not outlive it.
         family = self._signal_everyone(family, signal.SIGTERM)
+        if deadline.moment is None:
+            deadline = Deadline(span)
         self.done.wait(deadline.remaining())
         _wait_until_dead(family, deadline)
         family = self._signal_everyone(self._remember_family(), signal.SIGKILL)
-        self.done.wait(KILL_SETTLE)
-        _wait_until_dead(family, Deadline(KILL_SETTLE))
+        settled = Deadline(KILL_SETTLE)
+        self.done.wait(settled.remaining())
+        _wait_until_dead(family, settled)
         self._remember_family()  # Forget those that are gone.
         return self.returncode
 

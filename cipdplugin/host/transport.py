@@ -1,14 +1,22 @@
-"""Everything gRPC on the host side, in one layer: the loopback server, the
-tickets that tell plugins apart, and every service plugins call.
+"""Everything gRPC on the host side, for any plugin kind: the loopback server,
+the tickets that tell plugins apart, each plugin's budget of calls, and the
+routing of calls to the services of the plugin's kind.
 
-* A server interceptor checks each call's ``x-plugin-ticket`` before the call
-  may take a server thread: a call without a valid ticket is refused at once,
-  so it cannot hold a thread by never sending its request.
-* ``Host.Log`` and ``Host.ListMetadata`` serve any plugin.
-* ``Admissions`` routes each call to the ``AdmissionPlugin`` its ticket names
-  and drives that plugin's stream through its four methods; the plugin knows
-  nothing of gRPC.
-* All handlers come from one table, ``_METHODS``.
+* Services are registered, not known: the host passes the ``Service``s of
+  every kind (and of the ``cipd.plugin.Host`` service all kinds share) when
+  it makes the server. A launched plugin's session names the servant of each
+  service its kind offers; a call to a service the kind does not offer is
+  UNIMPLEMENTED, as in the Go host's routers. This module imports no kind.
+* A server interceptor (``_TicketGate``) runs on gRPC's polling thread
+  before a call may take a server thread. A call without a ticket is
+  UNAUTHENTICATED, one with an unknown ticket PERMISSION_DENIED, and a call
+  beyond its plugin's budget RESOURCE_EXHAUSTED, each from a handler that
+  never reads the request: no call can hold a thread by never sending it.
+* Each plugin has a budget of its own (``PLUGIN_CALL_BUDGET`` short calls
+  open at once), so one plugin using up its budget delays no other plugin.
+  Methods marked ``reserved`` are never refused for capacity: their bound
+  is what the servant says a well-behaved plugin can have open (for
+  answers, one per check it was asked).
 """
 
 from __future__ import annotations
@@ -17,34 +25,27 @@ import base64
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.empty_pb2 import Empty
 
-from cipdplugin.config import Config
-from cipdplugin.constants import MAX_CONCURRENT_RPCS, STREAM_RECHECK, TICKET_BYTES
+from cipdplugin.constants import PLUGIN_CALL_BUDGET, TICKET_BYTES
 from cipdplugin.deadline import Deadline
-from cipdplugin.errors import AdmissionError
-from cipdplugin.host.admission import AdmissionPlugin
-from cipdplugin.host.requests import method_handler
-from cipdplugin.protocol import TICKET_METADATA_KEY, cipd_pb2, plugin_pb2
-from cipdplugin.status import rpc_error_parts
+from cipdplugin.host.requests import method_handler, refusal_handler
+from cipdplugin.protocol import TICKET_METADATA_KEY
 from cipdplugin.threads import DaemonThreads
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
     from cipdplugin.host.process import PluginProcess
 
-#: Log severities of the protocol and the logging levels they map to.
-SEVERITY_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
+#: The server's thread pool has no bound of its own: the plugins' budgets
+#: bound the calls, and so the threads, of each plugin.
+_UNBOUNDED = 2**31
 
 
 class ServerStartError(RuntimeError):
@@ -56,60 +57,144 @@ def new_ticket() -> str:
     return base64.b64encode(secrets.token_bytes(TICKET_BYTES)).decode("ascii").rstrip("=")
 
 
-@dataclass(eq=False)
-class PluginSession:
-    """What the server knows about one launched plugin.
+@dataclass(frozen=True)
+class Method:
+    """One method of a service: how a call reaches its servant.
 
-    ``controller`` is the plugin kind's object (for instance an
-    ``AdmissionPlugin``); each service checks its type before serving it.
-    ``process`` is set right after the launch, before the handshake.
+    ``serve(servant, request, context)`` answers the call (an iterator of
+    responses if ``streaming``). ``reserved(servant)``, if given, makes the
+    method one that is never refused for capacity: it returns how many such
+    calls the plugin may have open at once, which a well-behaved plugin
+    never exceeds.
     """
 
     name: str
-    controller: object
+    request_type: type[Message]
+    response_type: type[Message]
+    serve: Callable[[Any, Any, grpc.ServicerContext], Any]
+    streaming: bool = False
+    reserved: Callable[[Any], int] | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    """A gRPC service plugins may call, by its full name (``cipd.plugin.Admissions``)."""
+
+    name: str
+    methods: tuple[Method, ...]
+
+
+@dataclass(eq=False)
+class PluginSession:
+    """What the server knows about one launched plugin: its name, its ticket,
+    the servant of each service its kind offers, and its calls open now."""
+
+    name: str
+    servants: Mapping[str, object]
     ticket: str = field(default_factory=new_ticket)
     process: PluginProcess | None = None
-
-
-def _refuse(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler that ends a call at once. Stream-shaped on purpose: it runs
-    without reading the request, which a call that never sends one would make
-    a unary handler wait for."""
-
-    def refuse(requests: Any, context: grpc.ServicerContext) -> NoReturn:
-        context.abort(code, details)
-
-    return grpc.stream_unary_rpc_method_handler(refuse)
+    # Guards the two counters below: the gate charges a call on gRPC's
+    # polling thread, the call's end gives it back on a server thread.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    open_calls: int = 0  # short calls open now, against PLUGIN_CALL_BUDGET
+    open_reserved: dict[str, int] = field(default_factory=dict)  # per reserved method path
+    # The handler of each method this plugin may call, by path; made once per session.
+    handlers: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], Method, object]] = field(
+        default_factory=dict, repr=False
+    )
 
 
 class _TicketGate(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Refuses calls without a known ticket before they take a server thread
-    for longer than it takes to say so: missing, UNAUTHENTICATED; unknown,
-    PERMISSION_DENIED. Runs on gRPC's polling thread, so it only reads."""
+    """Finds each call's plugin by its ticket and charges the call to that
+    plugin's budget, before the call may take a server thread for longer
+    than it takes to refuse it. Runs on gRPC's polling thread."""
 
-    def __init__(self, sessions: dict[str, PluginSession]) -> None:
+    def __init__(self, sessions: Mapping[str, PluginSession]) -> None:
         self._sessions = sessions
-        self._missing = _refuse(grpc.StatusCode.UNAUTHENTICATED, f"missing {TICKET_METADATA_KEY} metadata")
-        self._unknown = _refuse(grpc.StatusCode.PERMISSION_DENIED, "unknown plugin ticket")
+        self._missing = refusal_handler(
+            grpc.StatusCode.UNAUTHENTICATED, f"missing {TICKET_METADATA_KEY} metadata"
+        )
+        self._unknown = refusal_handler(grpc.StatusCode.PERMISSION_DENIED, "unknown plugin ticket")
+        self._not_offered = refusal_handler(
+            grpc.StatusCode.UNIMPLEMENTED, "this service is not available to this kind of plugin"
+        )
+        self._exhausted = refusal_handler(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"this plugin has {PLUGIN_CALL_BUDGET} calls open already; retry when some have ended",
+        )
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        ticket = _ticket(details.invocation_metadata)
+        ticket = None
+        for key, value in details.invocation_metadata or ():
+            if key == TICKET_METADATA_KEY:
+                ticket = value if isinstance(value, str) else ""
+                break
         if ticket is None:
             return self._missing
-        if ticket not in self._sessions:
+        session = self._sessions.get(ticket)
+        if session is None:
             return self._unknown
-        return continuation(details)
+        entry = session.handlers.get(details.method)
+        if entry is None:
+            return self._not_offered if continuation(details) is not None else None
+        handler, method, servant = entry
+        with session.lock:
+            if method.reserved is None:
+                if session.open_calls >= PLUGIN_CALL_BUDGET:
+                    return self._exhausted
+                session.open_calls += 1
+            else:
+                path = details.method
+                open_now = session.open_reserved.get(path, 0)
+                if open_now >= method.reserved(servant):
+                    return self._exhausted
+                session.open_reserved[path] = open_now + 1
+        return handler
 
 
-def _ticket(metadata: Any) -> str | None:
-    for key, value in metadata or ():
-        if key == TICKET_METADATA_KEY:
-            return value if isinstance(value, str) else ""
-    return None
+def _session_handlers(session: PluginSession, services: Sequence[Service]) -> None:
+    """Bind a handler to ``session`` for every method of the services its kind offers."""
+    for service in services:
+        servant = session.servants.get(service.name)
+        if servant is None:
+            continue
+        for method in service.methods:
+            path = f"/{service.name}/{method.name}"
+            session.handlers[path] = (_bound_handler(session, servant, method, path), method, servant)
+
+
+def _bound_handler(
+    session: PluginSession, servant: object, method: Method, path: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    def serve(request: Any, context: grpc.ServicerContext) -> Any:
+        return method.serve(servant, request, context)
+
+    def release() -> None:
+        with session.lock:
+            if method.reserved is None:
+                session.open_calls -= 1
+            else:
+                session.open_reserved[path] -= 1
+
+    return method_handler(
+        serve, method.request_type, method.response_type, streaming=method.streaming, on_end=release
+    )
+
+
+def _generic_handlers(services: Sequence[Service]) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    """Handlers that only tell the gate a method exists: every call the gate
+    lets through gets its plugin's bound handler instead."""
+    unreachable = refusal_handler(grpc.StatusCode.INTERNAL, "a call reached the server without its plugin")
+    return [
+        grpc.method_handlers_generic_handler(
+            service.name, {method.name: unreachable for method in service.methods}
+        )
+        for service in services
+    ]
 
 
 class PluginServer:
@@ -120,8 +205,8 @@ class PluginServer:
     that ``stop()`` starts, once the server and its threads are done.
     """
 
-    def __init__(self, config: Callable[[], Config | None], logger: logging.Logger, *, port: int = 0) -> None:
-        self._config = config
+    def __init__(self, services: Sequence[Service], logger: logging.Logger, *, port: int = 0) -> None:
+        self._services = tuple(services)
         self._logger = logger
         self._requested_port = port
         self.started: futures.Future[int] = futures.Future()
@@ -139,6 +224,12 @@ class PluginServer:
     def port(self) -> int:
         """The port the server listens on, or 0 before it starts."""
         return self.started.result() if self.started.done() and not self.started.exception() else 0
+
+    @property
+    def threads(self) -> int:
+        """The server's threads started so far (for measurements)."""
+        pool = self._pool
+        return pool.thread_count if pool is not None else 0
 
     def start(self) -> int:
         """Start the server if it has not started; return its port.
@@ -158,14 +249,13 @@ class PluginServer:
         return self.started.result()
 
     def _start_locked(self) -> None:
-        threads = DaemonThreads(MAX_CONCURRENT_RPCS, name="cipdplugin-server")
+        threads = DaemonThreads(_UNBOUNDED, name="cipdplugin-server")
         # so_reuseport=0: no other process may bind our port beside us.
         server = grpc.server(
             threads,  # type: ignore[arg-type]
-            handlers=_handlers(self),
+            handlers=_generic_handlers(self._services),
             interceptors=[_TicketGate(self._sessions)],
             options=[("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         try:
             port = server.add_insecure_port(f"127.0.0.1:{self._requested_port}")
@@ -180,6 +270,12 @@ class PluginServer:
         self._server, self._pool = server, threads
         self.started.set_result(port)
 
+    def new_session(self, name: str, servants: Mapping[str, object]) -> PluginSession:
+        """A session for a plugin about to be launched; ``register`` makes its ticket valid."""
+        session = PluginSession(name=name, servants=servants)
+        _session_handlers(session, self._services)
+        return session
+
     def register(self, session: PluginSession) -> None:
         with self._lock:
             self._sessions[session.ticket] = session
@@ -190,15 +286,19 @@ class PluginServer:
             if self._sessions.get(session.ticket) is session:
                 del self._sessions[session.ticket]
 
-    def stop(self, timeout: float) -> None:
-        """Stop serving and end the server's threads, waiting at most ``timeout``.
+    def stop(self, deadline: Deadline) -> None:
+        """Stop serving and end the server's threads, waiting until ``deadline``.
 
         Active calls are cancelled at once (plugins then see CANCELLED or
         UNAVAILABLE and stop). The stop runs on a helper thread, because
         grpcio's ``stop`` waits without a limit for every running handler;
         the helper finishes on its own if this wait gives up. Idempotent.
         """
-        deadline = Deadline(timeout)
+        self.begin_stop(deadline)
+        futures.wait([self.stopped], deadline.remaining())
+
+    def begin_stop(self, deadline: Deadline) -> None:
+        """``stop()`` without the wait: the helper thread stops the server by ``deadline``."""
         with self._lock:
             first = not self._stopping
             self._stopping = True
@@ -215,7 +315,6 @@ class PluginServer:
                     name="cipdplugin-server-stop",
                     daemon=True,
                 ).start()
-        futures.wait([self.stopped], deadline.remaining())
 
     def _stop_server(self, server: grpc.Server, threads: DaemonThreads, deadline: Deadline) -> None:
         try:
@@ -223,155 +322,3 @@ class PluginServer:
             threads.stop(deadline.remaining())
         finally:
             self.stopped.set_result(None)
-
-    # -- Routing ---------------------------------------------------------------
-
-    def session(self, context: grpc.ServicerContext) -> PluginSession:
-        """The session a call belongs to; aborts the call if there is none.
-
-        The ticket gate refused calls without a known ticket already; this
-        covers a ticket forgotten since.
-        """
-        ticket = _ticket(context.invocation_metadata())
-        if ticket is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing {TICKET_METADATA_KEY} metadata")
-        session = self._sessions.get(ticket)
-        if session is None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown plugin ticket")
-        return session
-
-    def _admission_plugin(self, context: grpc.ServicerContext) -> tuple[AdmissionPlugin, PluginSession]:
-        session = self.session(context)
-        if not isinstance(session.controller, AdmissionPlugin):
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this plugin is not an admission plugin")
-        return session.controller, session
-
-    # -- cipd.plugin.Host --------------------------------------------------------
-
-    def log(self, request: plugin_pb2.LogRequest, context: grpc.ServicerContext) -> Empty:
-        session = self.session(context)
-        # An unknown severity is still worth showing: log it as info.
-        level = SEVERITY_LEVELS.get(request.severity.lower(), logging.INFO)
-        self._logger.log(level, "Plugin '%s': %s", session.name, request.message)
-        return Empty()
-
-    def list_metadata(
-        self, request: plugin_pb2.ListMetadataRequest, context: grpc.ServicerContext
-    ) -> plugin_pb2.ListMetadataResponse:
-        self.session(context)
-        config = self._config()
-        if config is None:
-            context.abort(grpc.StatusCode.INTERNAL, "the host has no config: call Host.initialize first")
-        if config.repository is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "the host has no metadata repository")
-        if request.service_url != config.service_url:
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"metadata of {request.service_url!r} is not available, only of {config.service_url!r}",
-            )
-        query = cipd_pb2.ListMetadataRequest(
-            package=request.package,
-            instance=request.instance,
-            keys=request.keys,
-            page_size=request.page_size,
-            page_token=request.page_token,
-        )
-        try:
-            answer = config.repository.list_metadata(query)
-        except AdmissionError as exc:
-            context.abort(exc.code, exc.message)
-        except grpc.RpcError as exc:
-            context.abort(*rpc_error_parts(exc))
-        except Exception as exc:
-            self._logger.exception("metadata repository failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"metadata repository failed: {exc!r}")
-        except BaseException as exc:
-            # KeyboardInterrupt or SystemExit raised by the repository's code
-            # on this server thread: no interpreter exit is asked of a server
-            # thread, but the plugin must get an answer rather than wait.
-            if threading.current_thread() is threading.main_thread():
-                raise
-            self._logger.error("metadata repository raised %r", exc)
-            context.abort(grpc.StatusCode.INTERNAL, f"metadata repository failed: {exc!r}")
-        return plugin_pb2.ListMetadataResponse(
-            metadata=answer.metadata, next_page_token=answer.next_page_token
-        )
-
-    # -- cipd.plugin.Admissions ------------------------------------------------
-
-    def list_admissions(
-        self, request: plugin_pb2.ListAdmissionsRequest, context: grpc.ServicerContext
-    ) -> Iterator[plugin_pb2.Admission]:
-        plugin, session = self._admission_plugin(context)
-        refusal = plugin.on_connected(request)
-        if refusal is not None:
-            if refusal.final:
-                self.forget(session)
-                answered = refusal.answered
-                if not context.add_callback(lambda: answered.set_result(None)):
-                    answered.set_result(None)
-            context.abort(refusal.code, refusal.message)
-        # The callback runs on gRPC's polling thread: plugin.wake never blocks.
-        if not context.add_callback(plugin.wake):
-            plugin.on_disconnected()
-            return
-        try:
-            while context.is_active():
-                batch = plugin.next_admissions(STREAM_RECHECK)
-                if batch is None:
-                    break
-                yield from batch
-                # Not kept while the next wait blocks: a burst's last batch
-                # would otherwise stay alive as long as the stream idles.
-                del batch
-        finally:
-            plugin.on_disconnected()
-        if context.is_active():
-            context.abort(grpc.StatusCode.ABORTED, "terminating")
-
-    def resolve_admission(
-        self, request: plugin_pb2.ResolveAdmissionRequest, context: grpc.ServicerContext
-    ) -> Empty:
-        plugin, _ = self._admission_plugin(context)
-        plugin.resolve(request.admission_id, request.status if request.HasField("status") else None)
-        return Empty()
-
-
-#: Every method the host serves: service, method, handler kind, the
-#: PluginServer method, the request type and the response type.
-_METHODS: tuple[tuple[str, str, Callable[..., grpc.RpcMethodHandler[Any, Any]], str, Any, Any], ...] = (
-    ("cipd.plugin.Host", "Log", grpc.unary_unary_rpc_method_handler, "log", plugin_pb2.LogRequest, Empty),
-    (
-        "cipd.plugin.Host",
-        "ListMetadata",
-        grpc.unary_unary_rpc_method_handler,
-        "list_metadata",
-        plugin_pb2.ListMetadataRequest,
-        plugin_pb2.ListMetadataResponse,
-    ),
-    (
-        "cipd.plugin.Admissions",
-        "ListAdmissions",
-        grpc.unary_stream_rpc_method_handler,
-        "list_admissions",
-        plugin_pb2.ListAdmissionsRequest,
-        plugin_pb2.Admission,
-    ),
-    (
-        "cipd.plugin.Admissions",
-        "ResolveAdmission",
-        grpc.unary_unary_rpc_method_handler,
-        "resolve_admission",
-        plugin_pb2.ResolveAdmissionRequest,
-        Empty,
-    ),
-)
-
-
-def _handlers(server: PluginServer) -> list[grpc.GenericRpcHandler[Any, Any]]:
-    services: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
-    for service, method, kind, attribute, request, response in _METHODS:
-        services.setdefault(service, {})[method] = method_handler(
-            kind, getattr(server, attribute), request, response
-        )
-    return [grpc.method_handlers_generic_handler(name, methods) for name, methods in services.items()]

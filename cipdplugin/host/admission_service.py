@@ -1,0 +1,130 @@
+"""``cipd.plugin.Admissions``: the service of the admission kind, host side.
+
+The Go host's ``admissionsServer`` in Python: one ``AdmissionsServant`` per
+admission plugin serves its ListAdmissions stream (the checks, one
+``Admission`` message each) and takes its ResolveAdmission answers. The
+host registers ``ADMISSIONS_SERVICE`` with the transport; the transport
+routes each call to the servant of the plugin whose ticket it carries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf.empty_pb2 import Empty
+
+from cipdplugin.constants import ANSWER_SLACK
+from cipdplugin.errors import AdmissionDenied, AdmissionError, PluginStartError
+from cipdplugin.host.checks import AdmissionChecks
+from cipdplugin.host.lifecycle import PluginLifecycle
+from cipdplugin.host.transport import Method, Service
+from cipdplugin.protocol import PROTOCOL_VERSION, plugin_pb2
+from cipdplugin.status import code_of
+
+_OK = grpc.StatusCode.OK.value[0]
+_FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+class AdmissionsServant:
+    """One admission plugin's side of the Admissions service."""
+
+    def __init__(self, lifecycle: PluginLifecycle, checks: AdmissionChecks) -> None:
+        self._lifecycle = lifecycle
+        self._checks = checks
+        # Guards _claimed: a plugin opens its stream once.
+        self._lock = threading.Lock()
+        self._claimed = False
+
+    def list_admissions(
+        self, request: plugin_pb2.ListAdmissionsRequest, context: grpc.ServicerContext
+    ) -> Iterator[plugin_pb2.Admission]:
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+        if claimed:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "ListAdmissions was already called")
+        lifecycle = self._lifecycle
+        if request.protocol_version != PROTOCOL_VERSION:
+            message = (
+                f"plugin {lifecycle.name!r} speaks admission protocol version "
+                f"{request.protocol_version}, the host speaks {PROTOCOL_VERSION}"
+            )
+            answered = lifecycle.refuse(PluginStartError(message, code=grpc.StatusCode.FAILED_PRECONDITION))
+            if not context.add_callback(lambda: answered.set_result(None)):
+                answered.set_result(None)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        if not lifecycle.connected(request.plugin_version):
+            context.abort(grpc.StatusCode.ABORTED, "terminating")
+        lifecycle.host.logger.debug(
+            "Plugin '%s' connected (version %r)", lifecycle.name, request.plugin_version
+        )
+        checks = self._checks
+        checks.connected()
+        # The callback runs on one of gRPC's threads when the call ends.
+        if not context.add_callback(checks.wake):
+            lifecycle.disconnected()
+            return
+        try:
+            while True:
+                batch = checks.take(context.is_active)
+                if batch is None:
+                    break
+                yield from batch
+                # Not kept while the next wait blocks: a burst's last batch
+                # would otherwise stay alive as long as the stream idles.
+                del batch
+        finally:
+            lifecycle.disconnected()
+        if context.is_active():
+            context.abort(grpc.StatusCode.ABORTED, "terminating")
+
+    def resolve_admission(
+        self, request: plugin_pb2.ResolveAdmissionRequest, context: grpc.ServicerContext
+    ) -> Empty:
+        """Settle one check; unknown IDs (already settled, or never ours) are ignored.
+
+        No status, or OK, admits: the Go SDK sends none when it admits.
+        """
+        if not request.HasField("status") or request.status.code == _OK:
+            outcome: BaseException | None = None
+        elif request.status.code == _FAILED_PRECONDITION:
+            outcome = AdmissionDenied(request.status.message)
+        else:
+            outcome = AdmissionError(request.status.message, code=code_of(request.status.code))
+        if not self._checks.resolve(request.admission_id, outcome):
+            self._lifecycle.host.logger.debug(
+                "Plugin '%s': ignoring an answer to admission %s: it came after the check's "
+                "deadline, after the check was settled otherwise, or was never asked",
+                self._lifecycle.name,
+                request.admission_id,
+            )
+        return Empty()
+
+    def answer_room(self) -> int:
+        """ResolveAdmission calls the plugin may have open at once: one per
+        unsettled check, and some slack for answers racing a deadline."""
+        return self._checks.answer_room() + ANSWER_SLACK
+
+
+ADMISSIONS_SERVICE = Service(
+    "cipd.plugin.Admissions",
+    (
+        Method(
+            "ListAdmissions",
+            plugin_pb2.ListAdmissionsRequest,
+            plugin_pb2.Admission,
+            AdmissionsServant.list_admissions,
+            streaming=True,
+            # The stream and a refused second one.
+            reserved=lambda servant: 2,
+        ),
+        Method(
+            "ResolveAdmission",
+            plugin_pb2.ResolveAdmissionRequest,
+            Empty,
+            AdmissionsServant.resolve_admission,
+            reserved=AdmissionsServant.answer_room,
+        ),
+    ),
+)
