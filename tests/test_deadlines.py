@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import collections
+import gc
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import wait
 
 import grpc
 import pytest
 
 from cipdplugin import AdmissionError, Host, Pin, PluginAbortedError
+from cipdplugin.host import HostFuture
 from cipdplugin.host.deadlines import CheckDeadlines
-from tests.conftest import ResourceSnapshot, assert_no_leaks, hex_id, plugin_cmd, wait_until
+from tests.conftest import ResourceSnapshot, assert_no_leaks, hex_id, hostile_cmd, plugin_cmd, wait_until
 
 SILENT = Pin("silent/tool", hex_id(1))
 OTHER = Pin("ok/tool", hex_id(2))
@@ -133,3 +138,39 @@ def test_deadlines_fire_in_order_and_stop_ends_the_thread() -> None:
     deadlines.arm([100])  # after stop: ignored
     assert fired == [0, 1, 2]
     assert not any(t.name == "cipdplugin-deadlines-test" for t in threading.enumerate())
+
+
+def test_check_timeout_bounds_checks_behind_a_stream_the_plugin_stopped_reading(
+    make_host: Callable[..., Host],
+) -> None:
+    """The plugin reads 100 checks, then stops reading its stream: the host
+    cannot send the rest (gRPC's flow control holds them), and every one
+    still fails within check_timeout of its queueing."""
+    plugin = make_host().new_admission_plugin(hostile_cmd("stall", "100"), check_timeout=2)
+    long_name = "/".join(["x" * 255] * 16)  # 4 KB, so that flow control soon holds the stream
+    started = time.monotonic()
+    checks = [plugin.check_admission(Pin(f"{long_name}/p{n}", hex_id(n))) for n in range(3000)]
+    done, pending = wait(checks, timeout=10)
+    assert not pending
+    assert time.monotonic() - started < 2 + 5  # each check's deadline, and slack for a busy machine
+    outcomes = collections.Counter(
+        "admitted" if f.exception() is None else f.exception().code.name  # type: ignore[union-attr]
+        for f in done
+    )
+    assert outcomes["admitted"] >= 100
+    assert outcomes["admitted"] + outcomes["DEADLINE_EXCEEDED"] == 3000
+    messages = {f.exception().message for f in done if f.exception() is not None}  # type: ignore[union-attr]
+    assert any("still waiting to be sent" in message for message in messages)
+
+
+def test_answered_checks_hold_nothing_in_the_deadline_keeper(make_host: Callable[..., Host]) -> None:
+    plugin = make_host().new_admission_plugin(plugin_cmd("admit"), check_timeout=3600)
+    checks = [plugin.check_admission(Pin("many/pkg", hex_id(n))) for n in range(20_000)]
+    done, pending = wait(checks, timeout=120)
+    assert not pending and all(f.exception() is None for f in done)
+    deadlines = plugin._checks.deadlines  # the keeper itself: what it holds is the point
+    assert deadlines is not None and len(deadlines) == 0
+    del checks, done
+    plugin.clear_cache()
+    gc.collect()
+    assert sum(isinstance(o, HostFuture) for o in gc.get_objects()) == 0

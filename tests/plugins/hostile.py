@@ -24,6 +24,12 @@ its stream open, admits what it is sent, and exits when stdin reaches EOF.
   that has no ticket: opens COUNT ResolveAdmission calls without one that
   never send their request, waits up to 3 s for them to end, and reports
   how many ended with each code and how many were still open.
+* ``hold RESULT_FILE COUNT``: a plugin with its own valid ticket opens
+  COUNT Log calls that never send their request, waits up to 3 s, and
+  reports how many ended with each code and how many are still open; it
+  keeps them open until stdin closes.
+* ``stall COUNT``: opens its stream, admits the first COUNT admissions,
+  then stops reading the stream (keeping it open) until stdin closes.
 * ``refused-until-eof RESULT_FILE``: asks for protocol version 2 in the
   background and, the instant stdin closes, reports the answer it has by
   then ("NONE" if none) and exits: a plugin that leaves on EOF at once.
@@ -188,8 +194,12 @@ def probe(client: RawClient) -> tuple[dict[str, Any], Iterator[plugin_pb2.Admiss
     return results, stream
 
 
-async def attack(port: int, count: int, result_file: str) -> None:
-    """Open ``count`` unticketed calls that never send their request; report how they end."""
+async def attack(port: int, count: int, result_file: str, *, ticket: str | None = None) -> None:
+    """Open ``count`` calls that never send their request; report how they end.
+
+    Without ``ticket``: ResolveAdmission calls without one. With it: Log
+    calls carrying it, which the host must charge to this plugin's budget.
+    """
     silence = asyncio.Event()
 
     async def nothing() -> AsyncIterator[bytes]:
@@ -198,10 +208,13 @@ async def attack(port: int, count: int, result_file: str) -> None:
 
     options = [("grpc.enable_http_proxy", 0)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-        resolve = channel.stream_unary(
-            ADMISSIONS_RESOLVE, request_serializer=_identity, response_deserializer=_identity
+        method = channel.stream_unary(
+            ADMISSIONS_RESOLVE if ticket is None else HOST_LOG,
+            request_serializer=_identity,
+            response_deserializer=_identity,
         )
-        calls = [resolve(nothing(), timeout=120) for _ in range(count)]
+        metadata = None if ticket is None else ((TICKET_METADATA_KEY, ticket),)
+        calls = [method(nothing(), timeout=120, metadata=metadata) for _ in range(count)]
         codes = [asyncio.ensure_future(call.code()) for call in calls]
         finished, open_calls = await asyncio.wait(codes, timeout=3.0)
         counts = collections.Counter(str(code.result().name) for code in finished)
@@ -235,11 +248,21 @@ def main(argv: list[str]) -> int:
     if mode == "attack":
         asyncio.run(attack(handshake.port, int(args[1]), args[0]))
         return 0
+    if mode == "hold":
+        asyncio.run(attack(handshake.port, int(args[1]), args[0], ticket=handshake.ticket))
+        return 0
     client = RawClient(handshake)
     if mode == "crash-on-close":
         exit_on_eof(9)
         for _ in client.admissions():
             pass  # Never resolved: the checks stay pending until the host closes.
+        return 0
+    if mode == "stall":
+        exit_on_eof()
+        stream = client.admissions()
+        for _ in range(int(args[0])):
+            client.resolve(next(stream).admission_id)
+        threading.Event().wait()  # Never reads again: only stdin's end stops this.
         return 0
     if mode == "malformed":
         exit_on_eof()
