@@ -53,9 +53,13 @@ DEFAULT_MAX_PENDING = 1024
 #: before it is sent, alone, instead of breaking the plugin's stream.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: ResolveAdmission calls a plugin may have open beyond one per unsettled
-#: check: room for answers that race their check's deadline. Answers are
-#: never refused for capacity otherwise.
-ANSWER_SLACK = 64
+#: check. An answer's call stays open a moment after its check is settled
+#: (and so no longer counted), and answers race their checks' deadlines: a
+#: burst's last answers can outnumber the checks left by hundreds. As large
+#: as the budget of short calls, so that a well-behaved plugin never meets
+#: it (the Go SDK does not retry a refused answer); a plugin that opens
+#: answers and never sends them holds at most this many threads beyond its checks.
+ANSWER_SLACK = 1024
 
 # -- Metadata ----------------------------------------------------------------
 
