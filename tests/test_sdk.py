@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cipdplugin import Pin
-from cipdplugin.host.admission import admission_id
+from cipdplugin.host.checks import admission_id
 from cipdplugin.plugins import MAX_HANDSHAKE_BYTES, Handshake, HandshakeError, parse_handshake
 from cipdplugin.protocol import TICKET_METADATA_KEY, plugin_pb2
 from tests.conftest import SERVICE_URL, hex_id, plugin_cmd

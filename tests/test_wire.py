@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc.status_pb2 import Status
 
 from cipdplugin import protocol
-from cipdplugin.host.admission import admission_id
+from cipdplugin.host.checks import admission_id
 from cipdplugin.plugins import admission
 from cipdplugin.plugins.logs import HostLogHandler
 from cipdplugin.protocol import cipd_pb2, plugin_pb2

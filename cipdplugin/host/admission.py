@@ -8,8 +8,6 @@ the plugin calls (``AdmissionsServant``).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -21,7 +19,7 @@ from cipdplugin.constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING, M
 from cipdplugin.deadline import Deadline, checked_timeout
 from cipdplugin.errors import AdmissionError
 from cipdplugin.host.admission_service import ADMISSIONS_SERVICE, AdmissionsServant
-from cipdplugin.host.checks import AdmissionChecks, Check
+from cipdplugin.host.checks import AdmissionChecks, Check, admission_id
 from cipdplugin.host.deadlines import checked_check_timeout
 from cipdplugin.host.lifecycle import PluginLifecycle, PluginState, close_on_own_thread
 from cipdplugin.pins import Pin
@@ -35,19 +33,6 @@ if TYPE_CHECKING:
 #: so its size is not computed (the ID, digest and field tags stay under 1 KiB).
 _SIZE_CHECK_FLOOR = MAX_MESSAGE_BYTES - 1024
 _NO_DEADLINE = Deadline(None)
-
-
-def admission_id(admission: plugin_pb2.Admission, salt: bytes) -> str:
-    """The ID of an admission: base64 (standard, unpadded) of SHA-256 over
-    ``salt + b"\\n"`` and the deterministic serialization of the admission
-    without its ID."""
-    without_id = admission
-    if admission.admission_id:
-        without_id = plugin_pb2.Admission()
-        without_id.CopyFrom(admission)
-        without_id.ClearField("admission_id")
-    digest = hashlib.sha256(salt + b"\n" + without_id.SerializeToString(deterministic=True)).digest()
-    return base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
 class AdmissionPlugin:

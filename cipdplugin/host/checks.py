@@ -23,6 +23,8 @@ arbitrary code.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import threading
 import time
@@ -39,6 +41,19 @@ from cipdplugin.host.deadlines import CheckDeadlines
 from cipdplugin.host.promises import HostFuture, settle, settled
 from cipdplugin.pins import Pin
 from cipdplugin.protocol import plugin_pb2
+
+
+def admission_id(admission: plugin_pb2.Admission, salt: bytes) -> str:
+    """The ID of an admission: base64 (standard, unpadded) of SHA-256 over
+    ``salt + b"\\n"`` and the deterministic serialization of the admission
+    without its ID."""
+    without_id = admission
+    if admission.admission_id:
+        without_id = plugin_pb2.Admission()
+        without_id.CopyFrom(admission)
+        without_id.ClearField("admission_id")
+    digest = hashlib.sha256(salt + b"\n" + without_id.SerializeToString(deterministic=True)).digest()
+    return base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
 class Check:

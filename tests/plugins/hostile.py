@@ -56,7 +56,7 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from cipdplugin.host.admission import admission_id
+from cipdplugin.host.checks import admission_id
 from cipdplugin.pins import Pin
 from cipdplugin.plugins import Handshake, read_handshake
 from cipdplugin.protocol import (
