@@ -212,6 +212,24 @@ def test_reparented_descendants_are_killed(
     assert_no_leaks(baseline)
 
 
+def test_leftovers_of_a_raw_plugin_that_exited_are_killed_by_close(
+    baseline: ResourceSnapshot, make_host: HostFactory, tmp_path: Path
+) -> None:
+    """A plugin launched with launch_plugin (no kind) leaves a grandchild and
+    exits on its own: the host still owns what it left, and close() ends it."""
+    host = make_host()
+    pid_file = tmp_path / "orphan.pid"
+    # Its kind offers no Admissions service, so the plugin exits once it has
+    # started its child: ListAdmissions is UNIMPLEMENTED for it.
+    process = host.launch_plugin(plugin_cmd("orphan", str(pid_file)), object())
+    left_behind = read_pid(pid_file)
+    assert process.wait(30) is not None
+    assert psutil.pid_exists(left_behind)
+    host.close()
+    assert_all_gone({left_behind})
+    assert_no_leaks(baseline)
+
+
 def test_daemon_of_a_plugin_that_died_is_killed(baseline: ResourceSnapshot, tmp_path: Path) -> None:
     """The monitor records descendants while the plugin runs: a daemon seen then
     is terminated with the plugin even though the plugin died first."""
