@@ -91,3 +91,16 @@ MAX_CONCURRENT_RPCS = 256
 MAX_LOG_LINE = 16 * 1024
 #: How many of the plugin's last stderr lines are kept for error messages.
 STDERR_TAIL = 5
+
+# -- Input files ---------------------------------------------------------------
+
+#: Bounds on the files the library and the command line read whole. Each is
+#: far above any real file of its kind and far below what would exhaust
+#: memory once parsed (a parsed JSON file takes several times its size).
+#: The CIPD config file holds one plugin command line: a few hundred bytes.
+MAX_CONFIG_FILE_BYTES = 1024 * 1024
+#: A metadata file (``StaticRepository.from_file``, ``--metadata``): values
+#: are at most 512 KiB each, and an offline file holds a few instances.
+MAX_METADATA_FILE_BYTES = 64 * 1024 * 1024
+#: A ``cipd ensure -json-output`` file (``--pins-json``): about 100 bytes a pin.
+MAX_PINS_FILE_BYTES = 16 * 1024 * 1024
