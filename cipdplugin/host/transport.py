@@ -33,6 +33,7 @@ from cipdplugin.host.admission import AdmissionPlugin
 from cipdplugin.host.requests import method_handler
 from cipdplugin.protocol import TICKET_METADATA_KEY, cipd_pb2, plugin_pb2
 from cipdplugin.status import rpc_error_parts
+from cipdplugin.text import printable
 from cipdplugin.threads import DaemonThreads
 
 if TYPE_CHECKING:
@@ -252,7 +253,7 @@ class PluginServer:
         session = self.session(context)
         # An unknown severity is still worth showing: log it as info.
         level = SEVERITY_LEVELS.get(request.severity.lower(), logging.INFO)
-        self._logger.log(level, "Plugin '%s': %s", session.name, request.message)
+        self._logger.log(level, "Plugin '%s': %s", session.name, printable(request.message))
         return Empty()
 
     def list_metadata(
