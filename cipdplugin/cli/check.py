@@ -102,7 +102,8 @@ plugin command line and backend (as the Go CIPD client finds them):
   The backend is --service-url, else $CIPD_SERVICE_URL, else
   {DEFAULT_SERVICE_URL}; $CIPD_PROXY_URL (unix:///path) sends backend
   calls through a local CIPD proxy. -v says where each came from. An invalid
-  variable or config file is an error (exit status 2).
+  variable or config file is an error (exit status 2). With --plugin, the
+  config file is not read.
 
 several plugins:
   --plugin may be repeated; each may be followed by --plugin-scope
