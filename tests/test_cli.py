@@ -912,8 +912,13 @@ def test_a_broken_pipe_ends_quietly_with_the_status_of_the_verdicts(pins: list[s
 def test_piped_into_head_the_status_is_still_the_verdicts(tmp_path: Path) -> None:
     # Far more than a pipe holds, so the writer is still writing when head leaves.
     pins = [f"ok/tool-{n}:{hex_id(n)}" for n in range(3000)] + [DENIED_PIN]
+    pins_file = tmp_path / "pins.json"
+    pins_file.write_text(ensure_output({"": pins}), encoding="utf-8")
     command = shlex.join(
-        [sys.executable, "-m", "cipdplugin", "check", "--plugin", json.dumps(plugin_cmd("admit")), *pins]
+        [
+            *[sys.executable, "-m", "cipdplugin", "check"],
+            *["--plugin", json.dumps(plugin_cmd("admit")), "--pins-json", str(pins_file)],
+        ]
     )
     stderr_file = tmp_path / "stderr.txt"
     environment = {name: value for name, value in os.environ.items() if not name.startswith("CIPD_")}
