@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -72,7 +73,6 @@ def test_errors_keep_their_line_after_blanking() -> None:
         ("future: [1,]", 1, 12),
         ('future: "unterminated', 1, 9),
         ('future: "\\x"', 1, 9),
-        ("future: 09", 1, 9),
         ("future: - 5", 1, 9),
         ("future 5", 1, 8),
         ("future: {a: 1},,", 1, 16),
@@ -184,7 +184,10 @@ def test_accepts_and_rejects_what_text_format_does(pieces: list[str]) -> None:
     expected = ClientConfig()
     try:
         text_format.Parse(text, expected, allow_unknown_field=True, allow_field_number=True)
-    except (text_format.ParseError, ValueError):
+    except (text_format.ParseError, ValueError) as exc:
+        # protobuf 4.25 cannot skip a list of messages in an unknown field
+        # (later versions and Go's prototext can): not an error of the text.
+        assume(not re.search(r"Invalid field value: [{<]", str(exc)))
         with pytest.raises((text_format.ParseError, ValueError)):
             parse_discarding_unknown(text, ClientConfig())
         return
