@@ -256,17 +256,23 @@ class AuditLog:
         else:
             verdict, status, message = verdict_of(outcome)
             code = status.name
+        # A pin's fields are checked ASCII; the other texts are spelt out only
+        # when one of them holds a surrogate (one search, not one per field).
+        if _SURROGATE.search(f"{message}{plugin}{plugin_version}{service_url}") is not None:
+            message, plugin, plugin_version, service_url = map(
+                valid_text, (message, plugin, plugin_version, service_url)
+            )
         return {
             "ts": format_timestamp(ts),
-            "pin": valid_text(f"{pin.package}:{pin.instance_id}"),
-            "package": valid_text(pin.package),
-            "instance_id": valid_text(pin.instance_id),
+            "pin": f"{pin.package}:{pin.instance_id}",
+            "package": pin.package,
+            "instance_id": pin.instance_id,
             "verdict": verdict,
             "code": code,
-            "message": valid_text(message),
-            "plugin": valid_text(plugin),
-            "plugin_version": valid_text(plugin_version),
-            "service_url": valid_text(service_url),
+            "message": message,
+            "plugin": plugin,
+            "plugin_version": plugin_version,
+            "service_url": service_url,
             "latency_ms": round(latency * 1000, 3),
             "enforced": self._enforced,
             "host_pid": self._host_pid,
