@@ -133,10 +133,9 @@ def open_for_append(path: str | os.PathLike[str]) -> tuple[int, bool]:
             mode = os.stat(path).st_mode
         except OSError:
             raise exc from None
-        if stat.S_ISFIFO(mode):
-            reason = f"it is {file_kind(mode)} that nothing reads (start its reader first)"
-        else:
-            reason = f"it is {file_kind(mode)}, which cannot be opened as a file"
+        if not stat.S_ISFIFO(mode):  # a socket, a device without its hardware: as the system says
+            raise
+        reason = f"it is {file_kind(mode)} that nothing reads (start its reader first)"
         raise OSError(errno.ENXIO, reason, os.fspath(path)) from None
     try:
         mode = os.fstat(fd).st_mode
