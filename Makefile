@@ -14,12 +14,32 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime
 # Plus the development tools (the dev extra): tests, lint, protoc, build.
 STAMP := $(VENV)/.installed
+# Which interpreter an environment runs: its installation and version. .venv
+# belongs to $(PYTHON): one another interpreter made (`make demo`, then
+# `make test PYTHON=python3.12`) is made again, never silently reused.
+IDENTITY := import sys; print("%d.%d.%d from" % sys.version_info[:3], sys.base_prefix)
+WANTED_PYTHON := $(shell $(PYTHON) -c '$(IDENTITY)' 2>/dev/null)
+VENV_PYTHON := $(shell $(BIN)/python -c '$(IDENTITY)' 2>/dev/null)
 
-.PHONY: venv protos lint test test-matrix demo bench bench-startup soak clean
+.PHONY: venv protos lint test test-matrix demo bench bench-startup soak clean other-python
 
 venv: $(STAMP)
 
+ifneq ($(VENV_PYTHON),$(WANTED_PYTHON))
+# Always out of date: the environment is made again below.
+$(RUNTIME_STAMP): other-python
+endif
+other-python:
+
 $(RUNTIME_STAMP): pyproject.toml
+	@if [ -z '$(WANTED_PYTHON)' ]; then \
+	  echo "make: PYTHON=$(PYTHON) does not run; name a Python 3.10+ interpreter, e.g. make test PYTHON=python3.12" >&2; \
+	  exit 1; \
+	fi
+	@if [ -e $(VENV) ] && [ '$(VENV_PYTHON)' != '$(WANTED_PYTHON)' ]; then \
+	  echo "make: $(VENV) runs $(if $(VENV_PYTHON),Python $(VENV_PYTHON),no working Python), not PYTHON=$(PYTHON) (Python $(WANTED_PYTHON)): making it again"; \
+	  rm -rf $(VENV); \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
 	touch $@

@@ -13,9 +13,15 @@ for the host side (psutil, ``cipdplugin.host``) it never uses.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# A library's logs are its application's to show: without a handler of the
+# application's, records (a plugin's stderr among them) would reach stderr
+# through logging's last-resort handler.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from cipdplugin.backend import LuciAuthTokenSource, PrpcRepository
@@ -110,5 +116,5 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     # The public names and the module's dunders, not the helpers this module
-    # imports for itself (importlib, typing).
+    # imports for itself (importlib, logging, typing).
     return sorted({*_EXPORTS, *(name for name in globals() if name.startswith("__"))})

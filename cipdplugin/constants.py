@@ -61,6 +61,12 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: answers and never sends them holds at most this many threads beyond its checks.
 ANSWER_SLACK = 1024
 
+#: Checks the stream takes from the queue at a time. The rest stay queued,
+#: so a check whose deadline passes before the stream reaches it (a plugin
+#: that stopped reading) is never sent, and a burst's messages are not all
+#: held at once by the stream.
+STREAM_BATCH = 256
+
 # -- Metadata ----------------------------------------------------------------
 
 #: Entries per ListMetadata page the plugin SDK asks for when its handler
@@ -94,3 +100,16 @@ METADATA_ANSWER_MARGIN = 1.0
 MAX_LOG_LINE = 16 * 1024
 #: How many of the plugin's last stderr lines are kept for error messages.
 STDERR_TAIL = 5
+
+# -- Input files ---------------------------------------------------------------
+
+#: Bounds on the files the library and the command line read whole. Each is
+#: far above any real file of its kind and far below what would exhaust
+#: memory once parsed (a parsed JSON file takes several times its size).
+#: The CIPD config file holds one plugin command line: a few hundred bytes.
+MAX_CONFIG_FILE_BYTES = 1024 * 1024
+#: A metadata file (``StaticRepository.from_file``, ``--metadata``): values
+#: are at most 512 KiB each, and an offline file holds a few instances.
+MAX_METADATA_FILE_BYTES = 64 * 1024 * 1024
+#: A ``cipd ensure -json-output`` file (``--pins-json``): about 100 bytes a pin.
+MAX_PINS_FILE_BYTES = 16 * 1024 * 1024

@@ -38,8 +38,11 @@ file only when neither the caller nor the environment names one; an empty
 
 Decisions where the Go client is silent or lenient: an item of
 ``CIPD_ADMISSION_PLUGIN`` that is not a string (``[null]``) is an error here,
-where the Go client would read an empty string; a service URL without a host
-is an error here, where the Go client fails on its first call.
+where the Go client would read an empty string; so is an empty executable
+(``[""]``), which the Go client would fail to start; a service URL without
+a host is an error here, where the Go client fails on its first call. The
+file must be a regular file of at most 1 MiB: a FIFO or a device is refused
+before it is read, so that loading never hangs.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 
 from cipdplugin.config import DEFAULT_SERVICE_URL
+from cipdplugin.constants import MAX_CONFIG_FILE_BYTES
+from cipdplugin.files import UnusableFile, read_regular_file
 from cipdplugin.protocol.config_pb2 import ClientConfig
 from cipdplugin.textproto import parse_discarding_unknown
 
@@ -208,6 +213,8 @@ def proxy_socket_path(proxy_url: str, source: str) -> str:
 def _explicit_plugin(command: Sequence[str]) -> tuple[str, ...]:
     if isinstance(command, (str, bytes)) or not all(isinstance(item, str) for item in command):
         raise ConfigError(f"admission_plugin must be a sequence of strings, got {command!r}")
+    if command and not command[0]:
+        raise ConfigError("admission_plugin: the executable (item 0) must not be empty")
     return tuple(command)
 
 
@@ -241,6 +248,9 @@ def _plugin_from_env(text: str) -> tuple[str, ...]:
             item.encode("utf-8")
         except UnicodeEncodeError:
             raise ConfigError(f"${ADMISSION_PLUGIN_ENV}: item {index} is not valid Unicode text") from None
+    if value and not value[0]:
+        # The Go client would fail to start it; nothing can be run by that name.
+        raise ConfigError(f"${ADMISSION_PLUGIN_ENV}: the executable (item 0) must not be empty, in {text!r}")
     return tuple(value)
 
 
@@ -259,14 +269,15 @@ def _config_path(from_env: str, default: str) -> tuple[str | None, bool]:
 def _read_config(path: str, allow_missing: bool) -> ClientConfig | None:
     """The parsed file; None if it is missing and ``allow_missing``."""
     try:
-        with open(path, "rb") as f:
-            blob = f.read()
+        blob = read_regular_file(path, limit=MAX_CONFIG_FILE_BYTES)
     except FileNotFoundError:
         if allow_missing:
             return None
         raise ConfigError(f"CIPD config file {path!r} (from ${CONFIG_FILE_ENV}) does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read CIPD config file {path!r}: {exc.strerror or exc}") from None
+    except UnusableFile as exc:
+        raise ConfigError(f"cannot read CIPD config file {path!r}: it {exc}") from None
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError as exc:

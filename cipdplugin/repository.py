@@ -45,8 +45,9 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cipdplugin.constants import REPOSITORY_PAGE_SIZE
+from cipdplugin.constants import MAX_METADATA_FILE_BYTES, REPOSITORY_PAGE_SIZE
 from cipdplugin.errors import AdmissionError, InvalidPinError
+from cipdplugin.files import UnusableFile, read_regular_file
 from cipdplugin.pins import Pin, object_ref_to_instance_id
 from cipdplugin.protocol.cipd_pb2 import InstanceMetadata, ListMetadataRequest, ListMetadataResponse
 
@@ -90,21 +91,27 @@ class StaticRepository:
     def from_file(cls, path: str | os.PathLike[str]) -> StaticRepository:
         """Load a repository from a JSON file in the format of the module docs.
 
+        Only a regular file of at most 64 MiB is read: a FIFO or a device
+        is refused before any read, so loading never hangs.
+
         Raises:
-            RepositoryFileError: the file cannot be read or does not match the format.
+            RepositoryFileError: the file cannot be read, is not a regular
+                file, is too large, or does not match the format.
         """
+        shown = repr(os.fspath(path))
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            blob = read_regular_file(path, limit=MAX_METADATA_FILE_BYTES)
         except OSError as exc:
-            raise RepositoryFileError(
-                f"cannot read metadata file {os.fspath(path)!r}: {exc.strerror}"
-            ) from None
+            raise RepositoryFileError(f"cannot read metadata file {shown}: {exc.strerror or exc}") from None
+        except UnusableFile as exc:
+            raise RepositoryFileError(f"cannot read metadata file {shown}: it {exc}") from None
+        try:
+            data = json.loads(blob.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RepositoryFileError(f"metadata file {os.fspath(path)!r} is not valid JSON: {exc}") from None
+            raise RepositoryFileError(f"metadata file {shown} is not valid JSON: {exc}") from None
         except RecursionError:
             raise RepositoryFileError(
-                f"metadata file {os.fspath(path)!r} is nested too deeply to be a metadata file"
+                f"metadata file {shown} is nested too deeply to be a metadata file"
             ) from None
         return cls.from_json(data, source=os.fspath(path))
 

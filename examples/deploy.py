@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\nDeployed {verdicts.count('admitted')} of {len(rows)} pins; "
         f"{verdicts.count('denied')} denied, {verdicts.count('error')} failed to check."
     )
-    return 2 if "error" in verdicts else 0
+    # As `cipdplugin check`: 3 when a check failed (a denial is the plugin's
+    # answer, and the demo expects some).
+    return 3 if "error" in verdicts else 0
 
 
 def print_table(header: tuple[str, ...], rows: list[tuple[str, str, str, str]]) -> None:

@@ -10,9 +10,10 @@ lets the plugin read instance metadata from the backend itself, and
     python3 examples/deploy_from_env.py infra/tools/foo/linux-amd64:<instance_id> ...
 
 For an https backend it authenticates with ``luci-auth`` (log in once with
-``luci-auth login``); ``--no-auth`` sends no credentials. Exit status: 0 if
-every pin was admitted, 1 if some were denied, 2 if a check failed or the
-configuration is invalid.
+``luci-auth login``); ``--no-auth`` sends no credentials. Exit status, as
+``cipdplugin check``'s: 0 if every pin was admitted, 1 if some were denied
+(and no check failed), 2 if the configuration or a pin is invalid, 3 if a
+check failed (the plugin crashed, timed out or answered an error).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = max(status, 1)
             else:
                 print(f"  error     {pin}: {error}")
-                status = 2
+                status = 3
     return status
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import psutil
 import pytest
 
 from cipdplugin.cli import main
-from cipdplugin.cli.report import EXIT_CHECK_FAILED, EXIT_ERROR
+from cipdplugin.cli.report import EXIT_CHECK_FAILED, EXIT_ERROR, EXIT_INTERNAL
 from tests.conftest import REPO_ROOT, SHA256_ID, hex_id, plugin_cmd, wait_until
 
 PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
@@ -393,9 +394,15 @@ def test_no_pins_is_a_usage_error() -> None:
     result = check_main("admit")
     assert result.returncode == 2
     assert "no pins to check" in result.stderr
-    empty = check_main("admit", "--pins-json", "-", stdin='{"result": {}}')
-    assert empty.returncode == 2
-    assert "no pins to check" in empty.stderr
+
+
+@pytest.mark.parametrize("content", ['{"result": {}}', '{"result": {"": []}}'])
+def test_a_pins_file_with_nothing_to_deploy_exits_0(content: str) -> None:
+    text = check("admit", "--pins-json", "-", stdin=content)
+    assert (text.returncode, text.stdout) == (0, ""), text.stderr
+    as_json = check("admit", "--json", "--pins-json", "-", stdin=content)
+    assert as_json.returncode == 0, as_json.stderr
+    assert report(as_json) == {"pins": [], "totals": {"admitted": 0, "denied": 0, "error": 0}}
 
 
 @pytest.mark.parametrize(
@@ -812,3 +819,154 @@ def test_warn_only_exit_statuses() -> None:
     assert failed.returncode == enforced.returncode == EXIT_CHECK_FAILED
     assert failed.stdout.splitlines()[0].startswith("warned ")
     assert check("admit", "--warn-only", "Bad:pin").returncode == enforced.returncode
+
+
+# -- Exit statuses mean what they say (issue: nothing misleads) ------------------
+
+
+def test_an_empty_executable_in_the_environment_variable_is_a_usage_error() -> None:
+    result = run_cli("check", ADMITTED_PIN, env={PLUGIN_ENV: '[""]'})
+    assert result.returncode == EXIT_ERROR, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"${PLUGIN_ENV}: the executable (item 0) must not be empty" in result.stderr
+
+
+def test_a_package_that_is_not_unicode_is_a_failed_check_in_both_modes() -> None:
+    pins = json.dumps({"result": {"": [{"package": "a\ud800b", "instance_id": hex_id(1)}]}})
+    assert "\\ud800" in pins  # the file holds the escape; json.loads makes a lone surrogate of it
+    text = check("admit", "--pins-json", "-", ADMITTED_PIN, stdin=pins)
+    assert text.returncode == EXIT_CHECK_FAILED, text.stderr
+    assert "Traceback" not in text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("admitted")
+    assert lines[1].startswith("error     a\\ud800b:") and "INVALID_ARGUMENT" in lines[1]
+    as_json = check("admit", "--json", "--pins-json", "-", ADMITTED_PIN, stdin=pins)
+    assert as_json.returncode == EXIT_CHECK_FAILED, as_json.stderr
+    assert report(as_json)["pins"][1]["package"] == "a\ud800b"
+
+
+def test_an_internal_error_is_exit_4_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("an unforeseen state")
+
+    monkeypatch.setattr("cipdplugin.cli.check.check_pins", broken)
+    result = check_main("admit", ADMITTED_PIN)
+    assert result.returncode == EXIT_INTERNAL
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "internal error" in result.stderr and "please report it" in result.stderr
+    assert "RuntimeError: an unforeseen state" in result.stderr
+    verbose = check_main("admit", "-vv", ADMITTED_PIN)
+    assert verbose.returncode == EXIT_INTERNAL
+    assert "Traceback (most recent call last)" in verbose.stderr
+
+
+def test_help_documents_exit_status_4() -> None:
+    result = run_main("check", "--help")
+    assert result.returncode == 0
+    assert "4  internal error" in result.stdout
+
+
+def test_an_unknown_option_shows_the_usage_of_check() -> None:
+    result = run_main("check", "--bogus", ADMITTED_PIN)
+    assert result.returncode == EXIT_ERROR
+    assert result.stderr.startswith("usage: cipdplugin check ")
+    assert "unrecognized arguments: --bogus" in result.stderr
+    top = run_main("--bogus", "check", ADMITTED_PIN)
+    assert top.returncode == EXIT_ERROR
+    assert "unrecognized arguments: --bogus" in top.stderr
+
+
+def _check_into_a_closed_pipe(*args: str) -> tuple[int, str]:
+    """Run ``check`` whose stdout reader has gone before the report is written."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("CIPD_")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read the report
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cipdplugin", "check", "--plugin", json.dumps(plugin_cmd("admit")), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env={**environment, "CIPD_CONFIG_FILE": "-"},
+            cwd=REPO_ROOT,
+        )
+    finally:
+        os.close(write_end)
+    _, stderr = process.communicate(timeout=60)
+    return process.returncode, stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("pins", "status"),
+    [([ADMITTED_PIN], 0), ([ADMITTED_PIN, DENIED_PIN], 1), ([DENIED_PIN, ERROR_PIN], 3)],
+    ids=["admitted", "denied", "failed"],
+)
+def test_a_broken_pipe_ends_quietly_with_the_status_of_the_verdicts(pins: list[str], status: int) -> None:
+    for mode in ([], ["--json"]):
+        returncode, stderr = _check_into_a_closed_pipe(*mode, *pins)
+        assert returncode == status, stderr
+        assert stderr == ""
+
+
+def test_piped_into_head_the_status_is_still_the_verdicts(tmp_path: Path) -> None:
+    # Far more than a pipe holds, so the writer is still writing when head leaves.
+    pins = [f"ok/tool-{n}:{hex_id(n)}" for n in range(3000)] + [DENIED_PIN]
+    pins_file = tmp_path / "pins.json"
+    pins_file.write_text(ensure_output({"": pins}), encoding="utf-8")
+    command = shlex.join(
+        [
+            *[sys.executable, "-m", "cipdplugin", "check"],
+            *["--plugin", json.dumps(plugin_cmd("admit")), "--pins-json", str(pins_file)],
+        ]
+    )
+    stderr_file = tmp_path / "stderr.txt"
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("CIPD_")}
+    done = subprocess.run(
+        ["bash", "-c", f"{command} 2>{shlex.quote(str(stderr_file))} | head -1; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**environment, "CIPD_CONFIG_FILE": "-"},
+        cwd=REPO_ROOT,
+    )
+    first, status = done.stdout.splitlines()
+    stderr = stderr_file.read_text()
+    assert first.startswith("admitted  ok/tool-0:")
+    assert int(status) == 1, stderr
+    assert stderr == ""
+
+
+# -- Plugin text cannot forge lines or drive the terminal -------------------------
+
+FORGED = "fine\ncipdplugin: ERROR: Plugin 'policy': forged\r\x1b[2K\x1b]0;owned\x07\x9b1Aadmitted  x\u2028y"
+
+
+def test_plugin_text_is_escaped_in_the_report_and_the_logs() -> None:
+    command = json.dumps(plugin_cmd("say", json.dumps(FORGED)))
+    result = run_cli("check", "--plugin", command, DENIED_PIN)
+    assert result.returncode == 1, result.stderr
+    # The report: one line, nothing a terminal acts on, the text still readable.
+    assert result.stdout.count("\n") == 1
+    assert result.stdout == (
+        f"denied    {DENIED_PIN}: fine\\ncipdplugin: ERROR: Plugin 'policy': forged\\r\\x1b[2K"
+        "\\x1b]0;owned\\x07\\x9b1Aadmitted  x\\u2028y\n"
+    )
+    # The logs: the Log record and the stderr lines, with nothing raw in them.
+    for control in ("\r", "\x1b", "\x07", "\x9b", "\u2028"):
+        assert control not in result.stderr
+    lines = result.stderr.splitlines()
+    assert not any(line.startswith("cipdplugin: ERROR: Plugin 'policy'") for line in lines), lines
+    logged = [line for line in lines if line.startswith("cipdplugin: ERROR: Plugin 'admission_plugin.py': ")]
+    assert logged and logged[0].endswith(
+        "fine\\ncipdplugin: ERROR: Plugin 'policy': forged\\r\\x1b[2K"
+        "\\x1b]0;owned\\x07\\x9b1Aadmitted  x\\u2028y"
+    )
+
+
+def test_the_json_report_keeps_the_exact_text() -> None:
+    command = json.dumps(plugin_cmd("say", json.dumps(FORGED)))
+    result = run_cli("check", "--json", "--plugin", command, DENIED_PIN)
+    assert result.returncode == 1, result.stderr
+    assert report(result)["pins"][0]["message"] == FORGED

@@ -262,7 +262,7 @@ def test_unreadable_default_file_is_an_error(default_file: Path) -> None:
 
 def test_default_path_that_is_a_directory_is_an_error(default_file: Path) -> None:
     default_file.mkdir(parents=True)
-    assert "Is a directory" in error({}, default_file)
+    assert "is a directory, not a regular file" in error({}, default_file)
 
 
 @pytest.mark.parametrize(

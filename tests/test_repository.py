@@ -618,10 +618,31 @@ def test_config() -> None:
     assert DEFAULT_SERVICE_URL == "https://chrome-infra-packages.appspot.com"
 
 
-@pytest.mark.parametrize("url", ["", None, 1])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        None,
+        1,
+        "not a url",
+        "cipd.example.com",
+        "ftp://cipd.example.com",
+        "https://",
+        "https://:443",
+        "https://cipd.example.com/path",
+        "https://cipd.example.com:port",
+        "https://cipd example.com",
+    ],
+)
 def test_config_rejects_a_bad_url(url: Any) -> None:
-    with pytest.raises(ValueError, match="service_url"):
+    with pytest.raises(ValueError, match="service_url must be an http:// or https:// URL") as caught:
         Config(url)
+    assert repr(url) in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "https://x/", "https://[::1]:5", "HTTPS://X"])
+def test_config_accepts_the_root_url_of_a_backend(url: str) -> None:
+    assert Config(url).service_url == url
 
 
 class _NotCallable:

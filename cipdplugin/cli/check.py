@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from types import FrameType
@@ -44,6 +45,7 @@ from cipdplugin.cli.inputs import (
 )
 from cipdplugin.cli.report import (
     EXIT_ERROR,
+    EXIT_INTERNAL,
     WARNED,
     PinReport,
     exit_status,
@@ -54,6 +56,7 @@ from cipdplugin.constants import DEFAULT_CONNECT_TIMEOUT
 from cipdplugin.deadline import Deadline
 from cipdplugin.options import ADMISSION_PLUGIN_ENV as PLUGIN_ENV
 from cipdplugin.status import DENIED, ERROR, verdict_of
+from cipdplugin.text import printable
 
 #: Default limit, in seconds, for the whole run.
 DEFAULT_TIMEOUT = 300.0
@@ -99,7 +102,8 @@ plugin command line and backend (as the Go CIPD client finds them):
   The backend is --service-url, else $CIPD_SERVICE_URL, else
   {DEFAULT_SERVICE_URL}; $CIPD_PROXY_URL (unix:///path) sends backend
   calls through a local CIPD proxy. -v says where each came from. An invalid
-  variable or config file is an error (exit status 2).
+  variable or config file is an error (exit status 2). With --plugin, the
+  config file is not read.
 
 several plugins:
   --plugin may be repeated; each may be followed by --plugin-scope
@@ -129,7 +133,14 @@ pins:
   PIN arguments are "package:instance_id". --pins-json reads the file that
   `cipd ensure -json-output FILE` writes ("-" reads standard input):
     {{"result": {{"<subdir>": [{{"package": "...", "instance_id": "..."}}, ...]}}}}
-  Invalid pins are reported as errors and never sent to the plugin.
+  Invalid pins are reported as errors and never sent to the plugin. Input
+  files (--pins-json, --metadata) must be regular files: a FIFO or a device
+  is refused, never waited on.
+
+plugin text:
+  Control characters in what a plugin says (its denial messages, log
+  messages and stderr lines) are shown escaped (\\x1b, \\n) in the lines
+  and logs; --json and the audit log keep the exact text, JSON-escaped.
 
 metadata:
   Plugins may ask for instance metadata. --metadata serves it from a JSON file
@@ -160,6 +171,11 @@ exit status:
   2  usage or configuration error (bad arguments, input files, CIPD_*
      variables or config file): nothing was checked
   3  some check failed (an "error" line), whatever the other verdicts
+  4  internal error: a bug in cipdplugin, please report it (one line on
+     stderr; -vv shows the traceback)
+  Nothing to check (a --pins-json file with no pins) is exit status 0. If
+  the reader of stdout goes away (`| head`), the status is still that of
+  the verdicts.
 
 example:
   cipdplugin check \\
@@ -240,6 +256,8 @@ def _open_host(config: Config, audit_log: str | None, warn_only: bool) -> Host:
         return Host(config, audit_log=audit_log, enforce=not warn_only)
     except OSError as exc:
         raise UsageError(f"cannot open the audit log {audit_log!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not a file, FIFO or character device
+        raise UsageError(str(exc)) from None
 
 
 def check_pins(
@@ -426,6 +444,22 @@ class _ScopeAction(argparse.Action):
         entries[-1][1] = values
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: it reports arguments it does not know itself, with its own usage.
+
+    Left to the top-level parser, ``check --bogus`` would print the top
+    level's usage, which does not show ``check``'s options.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser and its ``check`` subcommand parser."""
     parser = argparse.ArgumentParser(
@@ -434,7 +468,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         epilog="Run 'cipdplugin check --help' for the details and examples.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     check = commands.add_parser(
         "check",
         help="ask an admission plugin whether pins may be deployed",
@@ -509,12 +543,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, check
 
 
+class _PrintableFormatter(logging.Formatter):
+    """One log line per record, whatever its message holds: controls are shown escaped.
+
+    The host escapes what plugins send; this also covers every other
+    message that quotes outside text (file contents, exception texts). A
+    traceback (``-vv``) keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        shown = logging.makeLogRecord(record.__dict__)
+        shown.message = printable(record.message)
+        return super().formatMessage(shown)
+
+
 @contextlib.contextmanager
 def _logging_to(stream: TextIO, level: int) -> Iterator[None]:
     """Send the ``cipdplugin`` logger (where plugin logs land) to ``stream`` at ``level``."""
     logger = logging.getLogger("cipdplugin")
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("cipdplugin: %(levelname)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("cipdplugin: %(levelname)s: %(message)s"))
     saved = (logger.level, logger.propagate)
     logger.addHandler(handler)
     logger.setLevel(level)
@@ -552,15 +600,17 @@ def run_check(
     sources = resolve_sources(args, environ)
     if args.pins_json.count("-") > 1:
         raise UsageError('"--pins-json -" may be given only once: standard input is read once')
+    if not args.pins and not args.pins_json:
+        raise UsageError("no pins to check: give PIN arguments or --pins-json FILE")
     requests = [parse_pin_argument(text) for text in args.pins]
     for path in args.pins_json:
         requests += read_pins_file(path, stdin)
-    if not requests:
-        raise UsageError("no pins to check: give PIN arguments or --pins-json FILE")
     long_run = sum(request.pin is not None for request in requests) > PROGRESS_THRESHOLD
     progress = Progress(stderr) if long_run and stderr.isatty() else None
     with _logging_to(stderr, _log_level(args.verbose, args.quiet)):
         sources.log_origins()
+        if not requests:
+            _logger.info("nothing to check: the pins files hold no pins")
         with sources:
             verdicts = check_pins(
                 requests,
@@ -574,12 +624,34 @@ def run_check(
                 progress=progress,
                 stop_signals=stop_signals,
             )
-    if args.json:
-        stdout.write(json.dumps(json_report(verdicts, warn_only=args.warn_only), indent=2) + "\n")
-    else:
-        stdout.writelines(verdict.as_line() + "\n" for verdict in verdicts)
-    stdout.flush()
+    try:
+        if args.json:
+            stdout.write(json.dumps(json_report(verdicts, warn_only=args.warn_only), indent=2) + "\n")
+        else:
+            stdout.writelines(verdict.as_line() + "\n" for verdict in verdicts)
+        stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): it has what it wanted; the
+        # status still tells the verdicts.
+        _discard_output(stdout)
     return exit_status(verdicts)
+
+
+def _discard_output(stream: TextIO) -> None:
+    """Point ``stream``'s descriptor at /dev/null, so that what it still buffers
+    (flushed again at exit) cannot fail once more."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
+def _say(text: str) -> None:
+    """One line on stderr for the user; a stderr that is gone is no reason to fail."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"cipdplugin check: {printable(text)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -604,20 +676,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stop_signals=stop_signals,
             )
     except UsageError as exc:
-        check.print_usage(sys.stderr)
-        print(f"cipdplugin check: error: {exc}", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):
+            check.print_usage(sys.stderr)
+        _say(f"error: {exc}")
         return EXIT_ERROR
     except ConfigError as exc:
-        print(f"cipdplugin check: error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("cipdplugin check: interrupted", file=sys.stderr)
+        _say("interrupted")
         return _EXIT_INTERRUPTED
     except _Terminated:
-        print("cipdplugin check: terminated", file=sys.stderr)
+        _say("terminated")
         return _EXIT_TERMINATED
-    except BrokenPipeError:
-        # The reader of stdout went away (e.g. `| head`): nothing more to say.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
+    except Exception as exc:
+        # The last line of defence: a bug must never read as a verdict.
+        if args.verbose >= 2:
+            with contextlib.suppress(OSError, ValueError):
+                traceback.print_exc(file=sys.stderr)
+        _say(
+            f"internal error (a bug in cipdplugin {__version__}; please report it"
+            f"{'' if args.verbose >= 2 else ', with the traceback -vv shows'}): "
+            f"{type(exc).__name__}: {exc}"
+        )
+        return EXIT_INTERNAL

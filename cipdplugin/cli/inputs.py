@@ -16,6 +16,8 @@ from cipdplugin import (
     RepositoryFileError,
     StaticRepository,
 )
+from cipdplugin.constants import MAX_PINS_FILE_BYTES
+from cipdplugin.files import UnusableFile, describe_size, read_regular_file
 from cipdplugin.host.chain import checked_scope
 
 
@@ -136,20 +138,28 @@ def parse_pin_argument(text: str) -> PinRequest:
 def read_pins_file(path: str, stdin: TextIO) -> list[PinRequest]:
     """The pins of a ``cipd ensure -json-output`` file (``"-"``: ``stdin``), in file order.
 
-    Pins with malformed names or IDs come back as invalid requests.
+    Pins with malformed names or IDs come back as invalid requests. A path
+    must name a regular file (a FIFO or a device is refused before any
+    read); neither it nor ``stdin`` may hold more than 16 MiB.
 
     Raises:
-        UsageError: the file cannot be read, is not JSON, or has another shape.
+        UsageError: the file cannot be read, is not a regular file, is too
+            large, is not JSON, or has another shape.
     """
     name = "pins from standard input" if path == "-" else f"pins file {path!r}"
+    too_large = f"{name} is larger than {describe_size(MAX_PINS_FILE_BYTES)}"
     try:
         if path == "-":
-            text = stdin.read()
+            # Standard input may be a pipe: it is read to its end, as a filter reads.
+            text = stdin.read(MAX_PINS_FILE_BYTES + 1)
+            if len(text) > MAX_PINS_FILE_BYTES:
+                raise UsageError(too_large)
         else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = read_regular_file(path, limit=MAX_PINS_FILE_BYTES).decode("utf-8")
     except OSError as exc:
-        raise UsageError(f"cannot read {name}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
+    except UnusableFile as exc:
+        raise UsageError(f"cannot read {name}: it {exc}") from None
     except UnicodeDecodeError as exc:
         raise UsageError(f"{name} is not UTF-8 text: {exc}") from None
     try:

@@ -11,6 +11,7 @@ import grpc
 
 from cipdplugin.cli.inputs import PinRequest
 from cipdplugin.status import ADMITTED, DENIED, ERROR
+from cipdplugin.text import printable
 
 EXIT_ADMITTED = 0
 EXIT_DENIED = 1
@@ -18,6 +19,8 @@ EXIT_DENIED = 1
 EXIT_ERROR = 2
 #: Some check failed (invalid pin, plugin missing or crashed, timeout, ...).
 EXIT_CHECK_FAILED = 3
+#: A bug in cipdplugin: never a verdict (one line on stderr, the traceback at -vv).
+EXIT_INTERNAL = 4
 
 #: A denial under ``--warn-only``: reported, but not failing the run.
 WARNED = "warned"
@@ -45,13 +48,16 @@ class PinReport:
         }
 
     def as_line(self) -> str:
-        line = f"{self.verdict:<{_VERDICT_WIDTH}}{self.request.text}"
+        """The text report's line: the pin as given and the plugin's message,
+        with control characters escaped (one line, nothing a terminal acts on)."""
+        line = f"{self.verdict:<{_VERDICT_WIDTH}}{printable(self.request.text)}"
         if self.verdict in (DENIED, WARNED):
-            line += f": {self.message}"
+            line += f": {printable(self.message)}"
         elif self.verdict == ERROR:
-            line += f": {self.code.name}: {self.message}" if self.message else f": {self.code.name}"
-        # One line per pin, whatever the plugin's message holds.
-        return " ".join(line.splitlines())
+            line += (
+                f": {self.code.name}: {printable(self.message)}" if self.message else f": {self.code.name}"
+            )
+        return line
 
 
 def exit_status(verdicts: Sequence[PinReport]) -> int:

@@ -92,6 +92,10 @@ def resolve_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Sou
     # Several --plugin options (with scopes) replace the client options' one plugin.
     specs = plugin_specs(args.plugin) if args.plugin else []
     plugin = list(specs[0].cmdline) if specs else None
+    if plugin is not None:
+        # The config file can give nothing but a plugin: with --plugin it is not
+        # read at all, so that a broken or blocking one cannot stop the run.
+        environ = {**environ, CONFIG_FILE_ENV: NO_CONFIG_FILE}
     options = load_client_options(environ, service_url=service_url, admission_plugin=plugin)
     if not options.admission_plugin:
         read = f"{options.config_file} has none" if options.config_file else "none was read"

@@ -70,10 +70,13 @@ class AdmissionsServant:
                 batch = checks.take(context.is_active)
                 if batch is None:
                     break
-                yield from batch
+                for check in batch:
+                    admission = checks.sendable(check)
+                    if admission is not None:
+                        yield admission
                 # Not kept while the next wait blocks: a burst's last batch
                 # would otherwise stay alive as long as the stream idles.
-                del batch
+                del batch, check, admission
         finally:
             lifecycle.disconnected()
         if context.is_active():

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import grpc
 
+from cipdplugin.constants import STREAM_BATCH
 from cipdplugin.deadline import Deadline
 from cipdplugin.errors import AdmissionError
 from cipdplugin.host.deadlines import CheckDeadlines
@@ -59,7 +60,7 @@ def admission_id(admission: plugin_pb2.Admission, salt: bytes) -> str:
 class Check:
     """One check from the moment it is queued until it is settled."""
 
-    __slots__ = ("__weakref__", "admission", "admission_id", "future", "pin", "queued_at")
+    __slots__ = ("__weakref__", "admission", "admission_id", "future", "pin", "queued", "queued_at")
 
     def __init__(self, pin: Pin, admission: plugin_pb2.Admission) -> None:
         self.pin = pin
@@ -67,6 +68,7 @@ class Check:
         self.admission_id = admission.admission_id
         self.future: HostFuture[None] = HostFuture()
         self.queued_at = time.monotonic()
+        self.queued = True  # in the queue, not yet taken by the stream
 
 
 class Settled(NamedTuple):
@@ -101,7 +103,8 @@ class AdmissionChecks:
         self._lock = threading.Lock()
         self._has_work = threading.Condition(self._lock)  # queue non-empty, ended, or the stream's call ended
         self._has_room = threading.Condition(self._lock)  # queue has room, or ended
-        self._queue: deque[Check] = deque()  # not yet sent
+        self._queue: deque[Check] = deque()  # not yet taken by the stream, some maybe settled
+        self._waiting = 0  # checks in the queue still unsettled: max_pending bounds this
         self._in_flight: dict[str, Check] = {}  # unsettled, by admission ID
         self._promises: dict[Pin, HostFuture[None]] = {}  # pending, by pin
         self._verdicts: dict[Pin, Settled] = {}  # settled, by pin
@@ -172,7 +175,7 @@ class AdmissionChecks:
                     future = settled(self._later_failure)
                     self._verdicts[pin] = Settled(weakref.ref(future), self._later_failure)
                     return future
-                if len(self._queue) < self._max_pending:
+                if self._waiting < self._max_pending:
                     break
                 # Cannot hang without a deadline: the stream makes room, and
                 # every way the plugin can end notifies.
@@ -184,6 +187,7 @@ class AdmissionChecks:
             # never a cached promise nobody will settle.
             self._in_flight[check.admission_id] = check
             self._queue.append(check)
+            self._waiting += 1
             self._promises[pin] = check.future
             self._has_work.notify()
         if self._connected and self._deadlines is not None:
@@ -219,9 +223,10 @@ class AdmissionChecks:
         if self._deadlines is not None:
             self._deadlines.arm(queued)
 
-    def take(self, streaming: Callable[[], bool]) -> list[plugin_pb2.Admission] | None:
-        """The checks to send now, once there are some; None once the stream
-        must end (the plugin ended, or ``streaming()`` turned False)."""
+    def take(self, streaming: Callable[[], bool]) -> list[Check] | None:
+        """The next checks to send (at most ``STREAM_BATCH``), once there are
+        some; None once the stream must end (the plugin ended, or
+        ``streaming()`` turned False). Send each with ``sendable``."""
         with self._lock:
             # Cannot hang: a queued check, the plugin's end and the call's end
             # (``wake``) all notify.
@@ -229,19 +234,26 @@ class AdmissionChecks:
                 self._has_work.wait()
             if self._failure is not None or not streaming():
                 return None
-            batch: list[plugin_pb2.Admission] = []
-            in_flight = self._in_flight
-            for check in self._queue:
-                # A check failed by its deadline while queued is not sent.
-                if check.admission is not None and in_flight.get(check.admission_id) is check:
-                    batch.append(check.admission)
-                # Not kept while the plugin decides: a message holds an arena
-                # of its own, and thousands of them in flight fragment the
-                # heap that cached promises live in.
-                check.admission = None
-            self._queue.clear()
+            queue = self._queue
+            batch = [queue.popleft() for _ in range(min(len(queue), STREAM_BATCH))]
+            for check in batch:
+                if check.queued:
+                    check.queued = False
+                    self._waiting -= 1
             self._has_room.notify_all()
         return batch
+
+    def sendable(self, check: Check) -> plugin_pb2.Admission | None:
+        """``check``'s message, to send now; None if the check was settled
+        meanwhile (its deadline passed while it waited to be sent).
+
+        The message is not kept once handed over: a message holds an arena
+        of its own, and thousands of them in flight fragment the heap that
+        cached promises live in. A check without it counts as sent.
+        """
+        admission, check.admission = check.admission, None
+        # A single dict lookup: atomic, no lock needed to read it.
+        return admission if self._in_flight.get(check.admission_id) is check else None
 
     def wake(self) -> None:
         """Make the stream look at its call again (the call ended)."""
@@ -277,6 +289,13 @@ class AdmissionChecks:
                 return
             del self._in_flight[check.admission_id]
             sent = check.admission is None
+            if check.queued:
+                # Its place in the queue is free now; its entry there is
+                # skipped when the stream reaches it.
+                check.queued = False
+                check.admission = None
+                self._waiting -= 1
+                self._has_room.notify()
             error = AdmissionError(
                 f"plugin {self._name!r} did not answer within the {self._check_timeout:g} s check timeout"
                 + ("" if sent else " (the check was still waiting to be sent: the plugin stopped reading)"),
@@ -298,6 +317,7 @@ class AdmissionChecks:
             failed = list(self._in_flight.values())
             self._in_flight.clear()
             self._queue.clear()
+            self._waiting = 0
             for check in failed:
                 self._keep(check, error)
             self._has_work.notify_all()

@@ -28,6 +28,7 @@ from cipdplugin.errors import AdmissionError
 from cipdplugin.host.transport import Method, Service
 from cipdplugin.protocol import cipd_pb2, plugin_pb2
 from cipdplugin.status import rpc_error_parts
+from cipdplugin.text import printable
 
 #: Log severities of the protocol and the logging levels they map to.
 SEVERITY_LEVELS = {
@@ -49,7 +50,9 @@ class HostServant:
     def log(self, request: plugin_pb2.LogRequest, context: grpc.ServicerContext) -> Empty:
         # An unknown severity is still worth showing: log it as info.
         level = SEVERITY_LEVELS.get(request.severity.lower(), logging.INFO)
-        self._logger.log(level, "Plugin '%s': %s", self._name, request.message)
+        # The plugin's text may hold control characters that forge log lines
+        # or drive a terminal: shown escaped.
+        self._logger.log(level, "Plugin '%s': %s", self._name, printable(request.message))
         return Empty()
 
     def list_metadata(

@@ -26,6 +26,7 @@ from cipdplugin.constants import KILL_DEADLINE, KILL_SETTLE, MAX_LOG_LINE, STDER
 from cipdplugin.deadline import Deadline
 from cipdplugin.errors import PluginStartError
 from cipdplugin.host.spawn import spawn
+from cipdplugin.text import printable
 
 # Tunables of the monitor alone, kept here so that tests can shorten them.
 #: After the plugin exits, its output is read for at most this long and at
@@ -129,7 +130,7 @@ class _LineForwarder:
         text = bytes(raw[:MAX_LOG_LINE]).decode("utf-8", errors="replace").rstrip("\r")
         if self._tail is not None and text.strip():
             self._tail.append(text)
-        self._logger.log(self._level, "%s: %s", self._label, text)
+        self._logger.log(self._level, "%s: %s", self._label, printable(text))
 
 
 class PluginProcess:

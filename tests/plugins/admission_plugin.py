@@ -37,6 +37,9 @@ Usage: admission_plugin.py MODE [ARG...]. Modes:
   SECONDS (admitting them); the others at once, as ``admit`` does.
 * ``deny-prefix PREFIX[,PREFIX...]``: denies packages under a prefix, saying
   which prefix; admits everything else. Prefixes match at ``/`` boundaries.
+* ``say JSON_STRING``: for each check, writes the string (a JSON string, so
+  that it may hold any character) to stderr, logs it at ERROR through the
+  host, and denies with it as the message.
 
 The modes with a PID_FILE write the pid of the process that is left behind
 to it (atomically, so a test can poll for the file).
@@ -44,6 +47,7 @@ to it (atomically, so a test can poll for the file).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -166,6 +170,12 @@ def main(argv: list[str]) -> int:
             for prefix in args[0].split(","):
                 if _under(request.package, prefix):
                     raise admission.Denied(f"{request.package} is under {prefix}")
+        elif mode == "say":
+            text = json.loads(args[0])
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            logging.getLogger("test-plugin").error("%s", text)
+            raise admission.Denied(text)
         elif mode == "flood":
             for i in range(int(args[0]) if args else 1000):
                 logging.getLogger("flood").warning("flood record %d", i)
