@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+import cipdplugin
 from cipdplugin import (
     AdmissionDenied,
     AdmissionError,
@@ -99,7 +100,7 @@ def test_request_headers_follow_prpc(backend: PrpcBackend, repository: PrpcRepos
     assert headers["Content-Type"] == "application/prpc; encoding=binary"
     assert headers["Accept"] == "application/prpc; encoding=binary"
     assert headers["Host"] == backend.url.removeprefix("http://")
-    assert re.fullmatch(r"cipdplugin/\d+\.\d+\.\d+\S* .*", headers["User-Agent"])
+    assert headers["User-Agent"] == f"cipdplugin/{cipdplugin.__version__}"
     assert re.fullmatch(r"\d{1,8}[HMSmun]", headers["X-Prpc-Grpc-Timeout"])
     assert "Authorization" not in headers
 
