@@ -154,8 +154,10 @@ class HttpProxy:
             body += data
         path = "/" + target.removeprefix("http://").partition("/")[2]
         lines = [f"{method} {path} HTTP/1.1"]
-        lines += [f"{name}: {value}" for name, value in headers.items() if name != "proxy-authorization"]
-        lines.append("connection: close")
+        lines += [
+            f"{name.title()}: {value}" for name, value in headers.items() if name != "proxy-authorization"
+        ]
+        lines.append("Connection: close")
         upstream.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         while True:
             data = upstream.recv(65536)
