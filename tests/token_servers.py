@@ -16,7 +16,9 @@ from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+ServerT = TypeVar("ServerT", bound="TokenServer")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class TokenServer:
         )
         self._thread.start()
 
-    def __enter__(self) -> TokenServer:
+    def __enter__(self: ServerT) -> ServerT:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
