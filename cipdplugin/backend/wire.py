@@ -31,6 +31,8 @@ from cipdplugin.constants import MAX_HEADER_FIELDS, MAX_HEADER_LINE, MAX_INTERIM
 from cipdplugin.deadline import Deadline
 
 _RECV_SIZE = 64 * 1024
+#: Bytes inflated at a time: the most a gzip answer can overshoot its limit by.
+_INFLATE_CHUNK = 1024 * 1024
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (.*))?")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A field value we send: visible ASCII and spaces, nothing that ends a line.
@@ -299,8 +301,8 @@ def _read_chunked(reader: Reader, deadline: Deadline, limit: int) -> bytes:
 def gunzip(data: bytes, limit: int) -> bytes:
     """Decompress a gzip body (one member or several), producing at most ``limit`` bytes.
 
-    The limit is checked while decompressing, so a small bomb never becomes
-    a large buffer.
+    The limit is checked while decompressing, a chunk at a time, so a small
+    bomb never becomes a buffer much larger than the limit.
 
     Raises:
         TooBig: it decompresses to more than ``limit`` bytes.
@@ -311,13 +313,15 @@ def gunzip(data: bytes, limit: int) -> bytes:
     try:
         while True:
             member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            # At most one byte more than allowed: enough to know it is too much.
-            output += member.decompress(rest, limit - len(output) + 1)
-            if len(output) > limit or member.unconsumed_tail:
-                raise TooBig(f"more than {limit} bytes once decompressed")
-            output += member.flush()
-            if len(output) > limit:
-                raise TooBig(f"more than {limit} bytes once decompressed")
+            pending = rest
+            while True:
+                chunk = member.decompress(pending, _INFLATE_CHUNK)
+                output += chunk
+                if len(output) > limit:
+                    raise TooBig(f"more than {limit} bytes once decompressed")
+                pending = member.unconsumed_tail
+                if member.eof or (not pending and len(chunk) < _INFLATE_CHUNK):
+                    break
             if not member.eof:
                 raise WireError("the gzip answer is truncated", transient=False)
             rest = member.unused_data
