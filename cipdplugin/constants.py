@@ -95,8 +95,10 @@ STDERR_TAIL = 5
 # -- The backend client (cipdplugin/backend/) ------------------------------------
 
 #: Default limit, in seconds, for one backend call, retries and the token
-#: included: the plugin SDK's own ListMetadata limit, so that a host that
-#: passes the plugin call's remaining time never waits longer than the plugin.
+#: included: the plugin SDK's own limit on a ListMetadata call
+#: (``plugins/admission.py``), so a call never outlasts the plugin's. A host
+#: passes what is left of the plugin's call (``list_metadata(timeout=...)``),
+#: so that the backend's own message reaches the plugin first.
 BACKEND_TIMEOUT = 30.0
 #: First retry delay, in seconds; it doubles per retry up to
 #: ``BACKEND_MAX_BACKOFF``, each delay drawn between half and all of it.

@@ -94,7 +94,10 @@ class GoogleAuthTokenSource(BoundedTokenSource):
         Raises:
             ConfigError: google-auth is missing, or the file is not a readable service-account key.
         """
-        google = _google_auth()
+        try:
+            google = _google_auth()
+        except ConfigError as exc:
+            raise ConfigError(f"cannot use the service account key {path!r}: {exc}") from None
         try:
             credentials = google.oauth2.service_account.Credentials.from_service_account_file(
                 path, scopes=list(scopes)
