@@ -305,6 +305,21 @@ def test_luci_context_asks_the_local_auth_server(local_auth: LocalAuthServer, tm
     assert source.description == "LUCI_CONTEXT's local auth server (account 'task')"
 
 
+def test_luci_context_sends_the_secret_as_go_does(tmp_path: Path) -> None:
+    # protobuf's JSON accepts URL-safe, unpadded base64; luci's server wants the standard form.
+    with LocalAuthServer({"task": "task-token"}, secret=b"\xfb\xff") as server:
+        path = server.write_context(tmp_path / "luci_context.json", "task")
+        context = json.loads(path.read_text(encoding="utf-8"))
+        assert context["local_auth"]["secret"] == "+/8="
+        context["local_auth"]["secret"] = "-_8"
+        path.write_text(json.dumps(context), encoding="utf-8")
+        assert LuciContextTokenSource({"LUCI_CONTEXT": str(path)})()[0] == "task-token"
+        context["local_auth"]["secret"] = "not base64!"
+        path.write_text(json.dumps(context), encoding="utf-8")
+        with pytest.raises(ConfigError, match="not base64"):
+            LuciContextTokenSource({"LUCI_CONTEXT": str(path)})
+
+
 def test_luci_context_errors(local_auth: LocalAuthServer, tmp_path: Path) -> None:
     environ = luci_context(local_auth, tmp_path)
     local_auth.inject("error")

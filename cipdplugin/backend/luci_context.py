@@ -21,6 +21,7 @@ luci's client retries it. The server is on loopback: never through a proxy.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -88,7 +89,28 @@ def read_local_auth(environ: Mapping[str, str]) -> LocalAuth | None:
     if not isinstance(secret, str) or not isinstance(default, str) or not isinstance(accounts, list):
         raise ConfigError(f"the {LUCI_CONTEXT_ENV} file {path!r} has a malformed local_auth section")
     ids = tuple(str(account.get("id", "")) for account in accounts if isinstance(account, dict))
+    try:
+        secret = _standard_base64(secret)
+    except ValueError:
+        raise ConfigError(
+            f"the {LUCI_CONTEXT_ENV} file {path!r} has a local_auth.secret that is not base64"
+        ) from None
     return LocalAuth(port, secret, default, ids)
+
+
+def _standard_base64(text: str) -> str:
+    """The secret as Go sends it back: its bytes in standard, padded base64.
+
+    The file may hold any base64 protobuf's JSON accepts (URL-safe, unpadded);
+    luci's server decodes the request with Go's ``encoding/json``, which takes
+    the standard alphabet only.
+
+    Raises:
+        ValueError: not base64.
+    """
+    padded = text.strip() + "=" * (-len(text.strip()) % 4)
+    raw = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+    return base64.b64encode(raw).decode("ascii")
 
 
 class LuciContextTokenSource(BoundedTokenSource):

@@ -37,6 +37,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -212,13 +213,16 @@ class TokenCache:
                     fetching = self._fetching = Future()
             if leader:
                 self._start(fetching, deadline)
-            try:
-                outcome = fetching.result(timeout=time_left(deadline))
-            except TimeoutError:
+            # wait() rather than result(timeout): Python 3.10's futures raise a
+            # TimeoutError of their own, not the built-in one.
+            futures.wait([fetching], timeout=time_left(deadline))
+            if not fetching.done():
                 raise AdmissionError(
                     f"no access token from {self.description} within {timeout:g} s",
                     code=grpc.StatusCode.DEADLINE_EXCEEDED,
-                ) from None
+                )
+            try:
+                outcome = fetching.result()
             except AdmissionError as exc:
                 raise AdmissionError(exc.message, code=exc.code) from None
             if isinstance(outcome, str):
