@@ -4,8 +4,8 @@
 token sources get OAuth2 access tokens the ways the Go CIPD client does.
 Modules, from the top down:
 
-* ``prpc.py``: ``PrpcRepository``, one generic ``_call`` per RPC, retries
-  and the meaning of each answer;
+* ``prpc.py``: ``PrpcRepository``, one generic ``_call`` per RPC, retries;
+* ``answers.py``: what a pRPC answer means (status, error text, body);
 * ``connection.py``: connections along one route (direct, HTTP proxy, CIPD
   proxy), TLS, CONNECT tunnels, the keep-alive pool and its fork guard;
 * ``wire.py``: HTTP/1.1 requests and responses, every byte within a deadline;
@@ -22,20 +22,13 @@ nothing here imports google-auth before that.
 
 from __future__ import annotations
 
+from cipdplugin.backend.answers import CODE_HEADER, PRPC_BINARY, TIMEOUT_HEADER, encode_timeout, user_agent
 from cipdplugin.backend.credentials import GCE_SERVICE_ACCOUNT, default_token_source
 from cipdplugin.backend.gce import GceTokenSource
 from cipdplugin.backend.google_auth import GoogleAuthTokenSource
 from cipdplugin.backend.luci_auth import LuciAuthTokenSource
 from cipdplugin.backend.luci_context import LuciContextTokenSource
-from cipdplugin.backend.prpc import (
-    CODE_HEADER,
-    DEFAULT_TIMEOUT,
-    PRPC_BINARY,
-    TIMEOUT_HEADER,
-    PrpcRepository,
-    encode_timeout,
-    user_agent,
-)
+from cipdplugin.backend.prpc import DEFAULT_TIMEOUT, PrpcRepository
 from cipdplugin.backend.tokens import EMAIL_SCOPE, BoundedTokenSource, TokenSource
 
 __all__ = [

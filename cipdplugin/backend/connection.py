@@ -43,6 +43,7 @@ from cipdplugin.backend.wire import (
     format_request,
     read_response,
     send_all,
+    wait_bound,
 )
 from cipdplugin.deadline import Deadline
 
@@ -168,7 +169,7 @@ def open_connection(
     if route.unix_socket is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(_left(deadline))
+            sock.settimeout(wait_bound(deadline))
             sock.connect(route.unix_socket)
         except TimeoutError:
             sock.close()
@@ -186,7 +187,7 @@ def open_connection(
             if context is None:
                 raise ValueError("an https route needs a TLS context")
             sock = context.wrap_socket(sock, server_hostname=origin.host, do_handshake_on_connect=False)
-            sock.settimeout(_left(deadline))
+            sock.settimeout(wait_bound(deadline))
             try:
                 sock.do_handshake()
             except TimeoutError:
@@ -204,7 +205,7 @@ def _connect_tcp(host: str, port: int, deadline: Deadline) -> socket.socket:
     for family, kind, protocol, _, address in addresses:
         sock = socket.socket(family, kind, protocol)
         try:
-            sock.settimeout(_left(deadline))
+            sock.settimeout(wait_bound(deadline))
             sock.connect(address)
         except TimeoutError:
             sock.close()
@@ -238,15 +239,6 @@ def _open_tunnel(
         )
     if reader.buffered:
         raise WireError(f"the proxy {proxy.shown} sent data before the tunnel was used")
-
-
-def _left(deadline: Deadline) -> float:
-    left = deadline.remaining()
-    if left is None:
-        raise ValueError("a call without a deadline: every wait on a peer must be bounded")
-    if left <= 0:
-        raise DeadlineExpired
-    return left
 
 
 def fetch(

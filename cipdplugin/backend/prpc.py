@@ -4,8 +4,9 @@ pRPC is the LUCI RPC protocol over HTTP/1.1 (luci-go ``grpc/prpc``): a
 ``POST`` to ``/prpc/<service>/<method>`` with the request message as the
 body, and the gRPC status in the ``X-Prpc-Grpc-Code`` response header (the
 error text is the body). This module speaks its binary encoding over
-``wire.py`` and ``connection.py``. Each RPC is one small method over
-``_call(method, request, response_type)``.
+``wire.py`` and ``connection.py``, and reads answers with ``answers.py``.
+Each RPC is one small method over ``_call(method, request, response_type)``:
+``list_metadata`` is three lines.
 
 What the plugin sees, as under the Go client:
 
@@ -33,15 +34,23 @@ import logging
 import math
 import os
 import random
-import re
 import ssl
 import threading
 from collections.abc import Mapping
 from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
+from cipdplugin.backend.answers import (
+    CODE_HEADER,
+    PRPC_BINARY,
+    TIMEOUT_HEADER,
+    CallFailure,
+    decode_answer,
+    encode_timeout,
+    user_agent,
+)
 from cipdplugin.backend.connection import (
     ConnectionPool,
     PoolClosed,
@@ -59,7 +68,6 @@ from cipdplugin.backend.wire import (
     TooBig,
     WireError,
     format_request,
-    gunzip,
     time_left,
 )
 from cipdplugin.constants import (
@@ -67,7 +75,6 @@ from cipdplugin.constants import (
     BACKEND_MAX_BACKOFF,
     BACKEND_MIN_ATTEMPT,
     BACKEND_TIMEOUT,
-    ERROR_BODY_LIMIT,
     MAX_IDLE_CONNECTIONS,
     MAX_RESPONSE_BYTES,
 )
@@ -75,69 +82,21 @@ from cipdplugin.deadline import Deadline, checked_timeout
 from cipdplugin.errors import AdmissionError
 from cipdplugin.options import (
     PROXY_URL_ENV,
-    USER_AGENT_PREFIX_ENV,
     ClientOptions,
     ConfigError,
     normalise_service_url,
     proxy_socket_path,
 )
 from cipdplugin.protocol.cipd_pb2 import ListMetadataRequest, ListMetadataResponse
-from cipdplugin.status import known_code
 
 log = logging.getLogger("cipdplugin.backend")
 
 #: Default limit, in seconds, for one call, retries and the token included.
 DEFAULT_TIMEOUT = BACKEND_TIMEOUT
 
-PRPC_BINARY = "application/prpc; encoding=binary"
-CODE_HEADER = "X-Prpc-Grpc-Code"
-TIMEOUT_HEADER = "X-Prpc-Grpc-Timeout"
 LIST_METADATA = "cipd.Repository/ListMetadata"
 
 AnswerT = TypeVar("AnswerT", bound=Message)
-
-_TRANSIENT_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE})
-_BINARY_TYPES = frozenset({"application/prpc", "application/protobuf", "application/x-protobuf"})
-# pRPC timeout units, finest first: a value has at most 8 digits.
-_TIMEOUT_UNITS = ((1, "n"), (10**3, "u"), (10**6, "m"), (10**9, "S"), (60 * 10**9, "M"), (3600 * 10**9, "H"))
-_PRINTABLE_LINE = re.compile(r"[\x20-\x7e]*")
-
-
-class _Failure(Exception):
-    """One failed attempt: the status to report, and whether to try again."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, *, transient: bool) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.transient = transient
-
-
-def encode_timeout(seconds: float) -> str:
-    """A ``X-Prpc-Grpc-Timeout`` value: the finest unit that fits 8 digits, rounded up."""
-    nanoseconds = max(math.ceil(seconds * 1e9), 1)
-    for unit, suffix in _TIMEOUT_UNITS:
-        count = -(-nanoseconds // unit)  # rounded up, in whole integers
-        if count <= 99_999_999 or suffix == "H":
-            return f"{count}{suffix}"
-    raise AssertionError("unreachable: hours always fit")
-
-
-def user_agent(environ: Mapping[str, str]) -> str:
-    """``cipdplugin/<version>``, after ``$CIPD_HTTP_USER_AGENT_PREFIX/`` as the Go client puts it.
-
-    Raises:
-        ConfigError: the prefix is not one line of printable ASCII.
-    """
-    from cipdplugin import __version__  # here: the package imports this module
-
-    own = f"cipdplugin/{__version__}"
-    prefix = environ.get(USER_AGENT_PREFIX_ENV, "")
-    if not prefix:
-        return own
-    if not _PRINTABLE_LINE.fullmatch(prefix):
-        raise ConfigError(f"${USER_AGENT_PREFIX_ENV} must be one line of printable ASCII")
-    return f"{prefix}/{own}"
 
 
 class PrpcRepository:
@@ -299,8 +258,10 @@ class PrpcRepository:
         retry = 0
         while True:
             try:
-                return self._decode(self._attempt(method, body, deadline, seconds), response_type)
-            except _Failure as failure:
+                return decode_answer(
+                    self._attempt(method, body, deadline, seconds), response_type, self._route.shown
+                )
+            except CallFailure as failure:
                 if failure.code == grpc.StatusCode.CANCELLED and self._closed.is_set():
                     raise AdmissionError(failure.message, code=failure.code) from None
                 delay = self._backoff(retry)
@@ -336,7 +297,7 @@ class PrpcRepository:
 
     def _attempt(self, method: str, body: bytes, deadline: Deadline, seconds: float) -> Response:
         if self._closed.is_set():
-            raise _Failure(grpc.StatusCode.CANCELLED, "the repository was closed", transient=False)
+            raise CallFailure(grpc.StatusCode.CANCELLED, "the repository was closed", transient=False)
         fields, token = self._fields(deadline, seconds)
         request = format_request("POST", self._route.target(f"/prpc/{method}"), fields, body)
         try:
@@ -355,7 +316,7 @@ class PrpcRepository:
             try:
                 token = self._tokens.get(deadline, seconds)
             except AdmissionError as exc:
-                raise _Failure(exc.code, exc.message, transient=False) from None
+                raise CallFailure(exc.code, exc.message, transient=False) from None
         fields = [
             ("Host", self._route.origin.authority),
             ("Content-Type", PRPC_BINARY),
@@ -395,124 +356,44 @@ class PrpcRepository:
         self._pool.release(connection, response.reusable)
         return response
 
-    def _transport_failure(self, exc: Exception, seconds: float) -> _Failure:
+    def _transport_failure(self, exc: Exception, seconds: float) -> CallFailure:
         """What a failure on the way means for the call (messages never hold a header we sent)."""
         shown = self._route.shown
         if isinstance(exc, DeadlineExpired):
-            return _Failure(
+            return CallFailure(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no answer from {shown} within {_seconds(seconds)} s",
                 transient=False,
             )
-        if isinstance(exc, PoolClosed):
-            return _Failure(grpc.StatusCode.CANCELLED, "the repository was closed", transient=False)
+        if isinstance(exc, PoolClosed) or self._closed.is_set():
+            # close() shut the connection down under the call: whatever broke, that is why.
+            return CallFailure(grpc.StatusCode.CANCELLED, "the repository was closed", transient=False)
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return _Failure(
+            return CallFailure(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the TLS certificate of {self._route.origin.authority} is not trusted "
                 f"({exc.verify_message}); the system trust store is used, see SSL_CERT_FILE and SSL_CERT_DIR",
                 transient=False,
             )
         if isinstance(exc, TooBig):
-            return _Failure(
+            return CallFailure(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the answer of {shown} is too big ({exc.detail})",
                 transient=False,
             )
         if isinstance(exc, TunnelRefused):
-            return _Failure(grpc.StatusCode.UNAVAILABLE, exc.message, transient=exc.transient)
+            return CallFailure(grpc.StatusCode.UNAVAILABLE, exc.message, transient=exc.transient)
         if isinstance(exc, WireError):
-            return _Failure(
+            return CallFailure(
                 grpc.StatusCode.UNAVAILABLE,
                 f"bad answer from {shown}: {exc.message}",
                 transient=exc.transient,
             )
-        if self._closed.is_set():
-            return _Failure(grpc.StatusCode.CANCELLED, "the repository was closed", transient=False)
         if isinstance(exc, OSError):
-            return _Failure(
+            return CallFailure(
                 grpc.StatusCode.UNAVAILABLE, f"cannot reach {shown}: {_describe(exc)}", transient=True
             )
         raise exc
-
-    # -- Reading the answer ----------------------------------------------------------
-
-    def _decode(self, response: Response, response_type: type[AnswerT]) -> AnswerT:
-        status, headers, payload = response.status, response.headers, response.body
-        if (headers.get("Content-Encoding") or "").strip().lower() == "gzip":
-            try:
-                payload = gunzip(payload, MAX_RESPONSE_BYTES)
-            except TooBig as exc:
-                raise _Failure(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the answer of {self._route.shown} is too big ({exc.detail})",
-                    transient=False,
-                ) from None
-            except WireError as exc:
-                raise _Failure(
-                    grpc.StatusCode.INTERNAL, f"the backend's {exc.message}", transient=False
-                ) from None
-        code_text = headers.get(CODE_HEADER)
-        if code_text is None:
-            raise self._not_prpc(status, headers.get("Content-Type"), payload)
-        try:
-            code = known_code(int(code_text.strip()))
-        except ValueError:
-            raise _Failure(
-                grpc.StatusCode.INTERNAL,
-                f"the backend answered an invalid {CODE_HEADER} header {code_text!r} (HTTP {status})",
-                transient=False,
-            ) from None
-        if code is None:
-            raise _Failure(
-                grpc.StatusCode.UNKNOWN,
-                f"the backend answered unknown gRPC code {code_text.strip()}: {_error_text(payload)}",
-                transient=False,
-            )
-        if code != grpc.StatusCode.OK:
-            message = _error_text(payload)
-            raise _Failure(code, message.removesuffix("\n"), transient=code in _TRANSIENT_CODES)
-        content_type = headers.get("Content-Type") or ""
-        media_type, _, parameters = content_type.partition(";")
-        encoding = parameters.strip().lower().removeprefix("encoding=").strip() if parameters else ""
-        if content_type and (
-            media_type.strip().lower() not in _BINARY_TYPES or encoding not in ("", "binary")
-        ):
-            raise _Failure(
-                grpc.StatusCode.INTERNAL,
-                f"the backend answered OK with content type {content_type!r}, not {PRPC_BINARY!r}",
-                transient=False,
-            )
-        answer = response_type()
-        try:
-            answer.ParseFromString(payload)
-        except DecodeError:
-            preview = payload[:32].hex(" ") + (" ..." if len(payload) > 32 else "")
-            raise _Failure(
-                grpc.StatusCode.INTERNAL,
-                f"the backend's answer ({len(payload)} bytes: {preview}) "
-                f"does not decode as a {response_type.DESCRIPTOR.full_name}",
-                transient=False,
-            ) from None
-        return answer
-
-    def _not_prpc(self, status: int, content_type: str | None, payload: bytes) -> _Failure:
-        kind = content_type or "no content type"
-        what = f"HTTP {status} without a {CODE_HEADER} header ({kind}): {_error_text(payload)!r}"
-        if status >= 500:
-            code = grpc.StatusCode.UNAVAILABLE if status == 503 else grpc.StatusCode.INTERNAL
-            return _Failure(code, f"{self._route.shown} is not answering pRPC: {what}", transient=True)
-        transient = status in (408, 429)
-        return _Failure(
-            grpc.StatusCode.INTERNAL, f"{self._route.shown} is not a pRPC server: {what}", transient=transient
-        )
-
-
-def _error_text(payload: bytes) -> str:
-    """The body as an error message, cut as the Go pRPC client cuts it."""
-    if len(payload) > ERROR_BODY_LIMIT:
-        return payload[:ERROR_BODY_LIMIT].decode("utf-8", errors="ignore") + "..."
-    return payload.decode("utf-8", errors="replace")
 
 
 def _describe(exc: BaseException) -> str:

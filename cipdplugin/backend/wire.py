@@ -126,7 +126,7 @@ def send_all(sock: socket.socket, data: bytes, deadline: Deadline) -> None:
     """
     view = memoryview(data)
     while view:
-        sock.settimeout(_left(deadline))
+        sock.settimeout(wait_bound(deadline))
         try:
             sent = sock.send(view)
         except TimeoutError:
@@ -153,7 +153,7 @@ class Reader:
 
     def _fill(self, deadline: Deadline) -> bool:
         """Receive more bytes; False at the end of the stream."""
-        self._sock.settimeout(_left(deadline))
+        self._sock.settimeout(wait_bound(deadline))
         try:
             chunk = self._sock.recv(_RECV_SIZE)
         except TimeoutError:
@@ -337,8 +337,12 @@ def time_left(deadline: Deadline) -> float:
     return 0.0 if left is None else left
 
 
-def _left(deadline: Deadline) -> float:
-    """What is left of a call's deadline, for a socket timeout; calls always have one."""
+def wait_bound(deadline: Deadline) -> float:
+    """What is left of a call's deadline, as a socket timeout; a call always has one.
+
+    Raises:
+        DeadlineExpired: nothing is left.
+    """
     left = deadline.remaining()
     if left is None:
         raise ValueError("a call without a deadline: every wait on a peer must be bounded")
