@@ -24,7 +24,14 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
-    from cipdplugin.backend import LuciAuthTokenSource, PrpcRepository
+    from cipdplugin.backend import (
+        GceTokenSource,
+        GoogleAuthTokenSource,
+        LuciAuthTokenSource,
+        LuciContextTokenSource,
+        PrpcRepository,
+        default_token_source,
+    )
     from cipdplugin.config import DEFAULT_SERVICE_URL, Config, RepositoryClient
     from cipdplugin.errors import (
         AdmissionDenied,
@@ -46,8 +53,12 @@ if TYPE_CHECKING:
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "GceTokenSource": "cipdplugin.backend",
+    "GoogleAuthTokenSource": "cipdplugin.backend",
     "LuciAuthTokenSource": "cipdplugin.backend",
+    "LuciContextTokenSource": "cipdplugin.backend",
     "PrpcRepository": "cipdplugin.backend",
+    "default_token_source": "cipdplugin.backend",
     "DEFAULT_SERVICE_URL": "cipdplugin.config",
     "Config": "cipdplugin.config",
     "RepositoryClient": "cipdplugin.config",
@@ -84,12 +95,15 @@ __all__ = [
     "ClientOptions",
     "Config",
     "ConfigError",
+    "GceTokenSource",
+    "GoogleAuthTokenSource",
     "Host",
     "InstanceMetadata",
     "InvalidPinError",
     "ListMetadataRequest",
     "ListMetadataResponse",
     "LuciAuthTokenSource",
+    "LuciContextTokenSource",
     "ObjectRef",
     "Pin",
     "PluginAbortedError",
@@ -99,6 +113,7 @@ __all__ = [
     "RepositoryClient",
     "RepositoryFileError",
     "StaticRepository",
+    "default_token_source",
     "instance_id_to_object_ref",
     "load_client_options",
     "object_ref_to_instance_id",

@@ -113,3 +113,70 @@ MAX_CONFIG_FILE_BYTES = 1024 * 1024
 MAX_METADATA_FILE_BYTES = 64 * 1024 * 1024
 #: A ``cipd ensure -json-output`` file (``--pins-json``): about 100 bytes a pin.
 MAX_PINS_FILE_BYTES = 16 * 1024 * 1024
+
+# -- The backend client (cipdplugin/backend/) ------------------------------------
+
+#: Default limit, in seconds, for one backend call, retries and the token
+#: included: the plugin SDK's own limit on a ListMetadata call
+#: (``plugins/admission.py``), so a call never outlasts the plugin's. A host
+#: passes what is left of the plugin's call (``list_metadata(timeout=...)``),
+#: so that the backend's own message reaches the plugin first.
+BACKEND_TIMEOUT = 30.0
+#: First retry delay, in seconds; it doubles per retry up to
+#: ``BACKEND_MAX_BACKOFF``, each delay drawn between half and all of it.
+BACKEND_INITIAL_BACKOFF = 0.5
+BACKEND_MAX_BACKOFF = 10.0
+#: A retry is only worth it with this much of the call's time left, in seconds.
+BACKEND_MIN_ATTEMPT = 0.05
+#: Idle keep-alive connections kept per repository: a host's server threads
+#: call concurrently, and eight covers the SDK's bursts without hoarding sockets.
+MAX_IDLE_CONNECTIONS = 8
+#: Larger answers are refused, on the wire and again once decompressed: the
+#: Go pRPC client's ``DefaultMaxContentLength`` (luci-go ``grpc/prpc/client.go``),
+#: which Go applies to the body its transport has already decompressed.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: Error messages from a body are cut to this many bytes (``ErrBodySize`` there).
+ERROR_BODY_LIMIT = 256
+#: Longest status, header or trailer line, and most header (or trailer) fields
+#: in one answer: ``http.client``'s limits, which no real backend comes near.
+MAX_HEADER_LINE = 64 * 1024
+MAX_HEADER_FIELDS = 100
+#: Informational (1xx) answers skipped before the real one: Go's net/http
+#: ``max1xxResponses`` (``net/http/transport.go``), an arbitrary bound.
+MAX_INTERIM_RESPONSES = 5
+
+# -- Access tokens (cipdplugin/backend/tokens.py) ------------------------------------
+
+#: A cached token is refreshed when it expires within this many seconds plus
+#: a random share of ``TOKEN_EXPIRY_JITTER``: luci-go ``auth/auth.go``
+#: (``Options.MinTokenLifetime``, 10 s by default) and
+#: ``auth/internal/common.go`` (``TokenExpiresInRnd``, ``expiryRandInterval``
+#: 30 s), so that many processes sharing an account do not refresh at once.
+MIN_TOKEN_LIFETIME = 10.0
+TOKEN_EXPIRY_JITTER = 30.0
+#: How long a token given without an expiry is used, in seconds.
+PLAIN_TOKEN_LIFETIME = 300.0
+#: How long a token source's failure is remembered, in seconds: longer than a
+#: burst of concurrent calls (they share one request anyway), short enough
+#: that the next check a few seconds later asks the source again.
+TOKEN_FAILURE_MEMORY = 5.0
+#: Bound on one token request made on its own (not for a call, which brings
+#: its own deadline): luci's metadata client waits 10 s to connect and 15 s
+#: for the headers (``auth/internal/gce.go``); this covers both.
+TOKEN_SOURCE_TIMEOUT = 30.0
+#: Delays between attempts of a token request that failed transiently (a
+#: local server's HTTP 500, no connection): luci's ``retryParams`` in
+#: ``auth/auth.go`` start at 10 ms and double; ours stop doubling at 1 s and
+#: end with the call's deadline.
+TOKEN_RETRY_INITIAL = 0.01
+TOKEN_RETRY_MAX = 1.0
+#: Largest answer read from a token endpoint (JSON of a few hundred bytes).
+MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
+#: Most bytes ``luci-auth token`` may print: a JSON token is a few KiB; a
+#: command that prints more is broken and is stopped, not buffered.
+MAX_TOKEN_COMMAND_OUTPUT = 64 * 1024
+#: The token lifetime asked of ``luci-auth token -lifetime``: at least
+#: ``MIN_TOKEN_LIFETIME + TOKEN_EXPIRY_JITTER`` plus a call's length.
+LUCI_AUTH_LIFETIME = 120.0
+#: Bound on one ``luci-auth token`` run made on its own.
+LUCI_AUTH_TIMEOUT = 60.0

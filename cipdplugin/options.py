@@ -67,6 +67,10 @@ ADMISSION_PLUGIN_ENV = "CIPD_ADMISSION_PLUGIN"
 SERVICE_URL_ENV = "CIPD_SERVICE_URL"
 PROXY_URL_ENV = "CIPD_PROXY_URL"
 CONFIG_FILE_ENV = "CIPD_CONFIG_FILE"
+#: Put in front of the backend client's User-Agent, as the Go client does
+#: (``ClientOptions.LoadFromEnv``); read by ``PrpcRepository`` with the
+#: proxy variables (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``).
+USER_AGENT_PREFIX_ENV = "CIPD_HTTP_USER_AGENT_PREFIX"
 #: Where the Go client looks for its configuration file on Linux and macOS.
 DEFAULT_CONFIG_FILE = "/etc/chrome-infra/cipd.cfg"
 #: The value of ``CIPD_CONFIG_FILE`` that means "read no file".

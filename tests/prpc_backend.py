@@ -57,7 +57,11 @@ class Received:
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """A test CA and a server certificate for 127.0.0.1 and localhost that it signed."""
+    """A test CA and a server certificate it signed, for 127.0.0.1, localhost and backend.test.
+
+    ``backend.test`` is a name no resolver knows (RFC 2606): only a test proxy
+    that maps it to 127.0.0.1 reaches it.
+    """
 
     ca: Path
     certificate: Path
@@ -77,7 +81,7 @@ def make_tls_files(directory: Path) -> TLSFiles:
     key, csr, certificate = directory / "server.key", directory / "server.csr", directory / "server.pem"
     extensions = directory / "server.ext"
     extensions.write_text(
-        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        "subjectAltName = IP:127.0.0.1, DNS:localhost, DNS:backend.test\n"
         "basicConstraints = critical, CA:FALSE\n"
         "keyUsage = critical, digitalSignature, keyEncipherment\n"
         "extendedKeyUsage = serverAuth\n"

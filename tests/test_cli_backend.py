@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,8 +17,11 @@ import pytest
 
 from cipdplugin import InstanceMetadata, Pin, StaticRepository, instance_id_to_object_ref
 from tests.conftest import REPO_ROOT, SHA256_ID, hex_id, plugin_cmd
+from tests.hostile_http import HostileServer
+from tests.proxy_servers import HttpProxy
 from tests.prpc_backend import Fault, PrpcBackend, TLSFiles
 from tests.test_cli import report, run_cli, verdicts
+from tests.token_servers import LocalAuthServer, MetadataServer
 
 ALLOWED = Pin("ok/tool", hex_id(1))
 UNLISTED = Pin("ok/tool", hex_id(2))
@@ -220,3 +226,96 @@ def test_deploy_from_env_example(make_backend: MakeBackend) -> None:
     )
     assert broken.returncode == 2
     assert "CIPD_SERVICE_URL" in broken.stderr and "Traceback" not in broken.stderr
+
+
+# -- Deadlines, credentials and proxies ----------------------------------------------------
+
+
+def test_backend_timeout_bounds_each_call_and_v_says_so() -> None:
+    def silent(connection: socket.socket, number: int, stopping: threading.Event) -> bool:
+        stopping.wait(60)
+        return False
+
+    with HostileServer(silent) as server:
+        env = metadata_plugin_env(CIPD_SERVICE_URL=server.url)
+        start = time.monotonic()
+        result = run_cli("check", "-v", "--json", "--backend-timeout", "1.5", str(ALLOWED), env=env)
+        elapsed = time.monotonic() - start
+    assert verdicts(result) == [("error", "DEADLINE_EXCEEDED")]
+    assert report(result)["pins"][0]["message"] == f"no answer from {server.url} within 1.5 s"
+    assert f"backend calls go to {server.url}, each within 1.5 s" in result.stderr
+    assert f"cipd.Repository/ListMetadata: waiting on {server.url} (up to 1.5 s)" in result.stderr
+    assert f"cipd.Repository/ListMetadata to {server.url} failed (DEADLINE_EXCEEDED" in result.stderr
+    assert elapsed < 30  # never the SDK's own 30 s call limit
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_backend_timeout_is_a_usage_error(value: str) -> None:
+    result = run_cli("check", "--backend-timeout", value, str(ALLOWED), env=metadata_plugin_env())
+    assert result.returncode == 2 and "--backend-timeout" in result.stderr
+
+
+def test_bot_credentials_through_an_https_proxy(
+    make_backend: MakeBackend, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    backend = make_backend(
+        StaticRepository({ALLOWED: [InstanceMetadata(key="allow", value=b"")]}),
+        token="task-token",
+        tls=tls_files,
+    )
+    port = int(backend.url.rpartition(":")[2])
+    with (
+        LocalAuthServer({"task": "task-token"}) as local_auth,
+        HttpProxy({f"backend.test:{port}": ("127.0.0.1", port)}, credentials=("bot", "s3cret")) as proxy,
+    ):
+        env = metadata_plugin_env(
+            CIPD_SERVICE_URL=f"https://backend.test:{port}",
+            HTTPS_PROXY=f"http://bot:s3cret@127.0.0.1:{proxy.port}",
+            NO_PROXY="",
+            LUCI_CONTEXT=str(local_auth.write_context(tmp_path / "luci_context.json", "task")),
+            SSL_CERT_FILE=str(tls_files.ca),
+        )
+        result = run_cli("check", "-v", str(ALLOWED), str(UNLISTED), env=env)
+        seen = proxy.seen
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        f"admitted  {ALLOWED}",
+        f"denied    {UNLISTED}: no 'allow' metadata",
+    ]
+    assert "with credentials from LUCI_CONTEXT's local auth server (account 'task')" in result.stderr
+    assert f"(through the proxy http://127.0.0.1:{proxy.port})" in result.stderr
+    assert "s3cret" not in result.stderr and "task-token" not in result.stderr
+    assert {(s.method, s.target) for s in seen} == {("CONNECT", f"backend.test:{port}")}
+    assert all("authorization" not in s.headers for s in seen)
+    assert {r.headers["Authorization"] for r in backend.received} == {"Bearer task-token"}
+    assert len(local_auth.received) == 1
+
+
+def test_service_account_json_gce(make_backend: MakeBackend, tls_files: TLSFiles) -> None:
+    backend = make_backend(
+        StaticRepository({ALLOWED: [InstanceMetadata(key="allow", value=b"")]}),
+        token="gce-token",
+        tls=tls_files,
+    )
+    with MetadataServer({"default": "gce-token"}) as metadata:
+        env = metadata_plugin_env(
+            CIPD_SERVICE_URL=backend.url, GCE_METADATA_HOST=metadata.host, SSL_CERT_FILE=str(tls_files.ca)
+        )
+        result = run_cli("check", "-v", "--service-account-json", ":gce", str(ALLOWED), env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"with credentials from the GCE metadata server at {metadata.host}" in result.stderr
+    assert backend.received[0].headers["Authorization"] == "Bearer gce-token"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--no-auth", "--service-account-json", ":gce"], "contradict"),
+        (["--service-account-json", "/nonexistent/key.json"], "/nonexistent/key.json"),
+    ],
+)
+def test_credential_options_errors_exit_2(args: list[str], expected: str) -> None:
+    env = metadata_plugin_env(CIPD_SERVICE_URL="https://cipd.example.com")
+    result = run_cli("check", *args, str(ALLOWED), env=env)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr

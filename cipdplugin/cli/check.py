@@ -145,9 +145,16 @@ plugin text:
 metadata:
   Plugins may ask for instance metadata. --metadata serves it from a JSON file
   (the StaticRepository format, see the README); without it, it comes from
-  the backend, with a token from `luci-auth token` for https backends (log
-  in once with `luci-auth login`; --no-auth sends none). Plain http backends
-  and the proxy get no credentials.
+  the backend, each call within --backend-timeout SECONDS (default 30, or
+  half of --timeout), through $HTTPS_PROXY / $HTTP_PROXY unless $NO_PROXY
+  exempts the backend, as the Go client does.
+
+credentials (https backends; --no-auth sends none):
+  chosen as the Go CIPD client chooses them: --service-account-json PATH
+  (a service account key; needs cipdplugin[google-auth]) or ":gce" (the GCE
+  metadata server); else the default account of $LUCI_CONTEXT (LUCI bots);
+  else the `luci-auth login` of the user. Plain http backends and the CIPD
+  proxy get none. -v names the source chosen and each wait on the backend.
 
 --json report (printed to stdout instead of the lines):
   {{"pins": [{{"pin": "<as given>", "package": "<str or null>",

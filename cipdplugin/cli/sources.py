@@ -1,9 +1,11 @@
-"""Where ``cipdplugin check`` gets its plugin, backend and metadata.
+"""Where ``cipdplugin check`` gets its plugin, backend, credentials and metadata.
 
 The command line wins; then the machine's CIPD client options, read as the
 Go client reads them (``load_client_options``: ``CIPD_ADMISSION_PLUGIN``,
 ``CIPD_SERVICE_URL``, ``CIPD_PROXY_URL`` and the config file). Metadata
-comes from ``--metadata`` (offline) or else from the backend itself.
+comes from ``--metadata`` (offline) or else from the backend itself, with
+the credentials the Go client would pick (``default_token_source``), through
+the machine's proxies (``HTTPS_PROXY``, ``NO_PROXY``...).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from dataclasses import dataclass, field
 
 from cipdplugin import (
     Config,
-    LuciAuthTokenSource,
     PrpcRepository,
+    default_token_source,
     load_client_options,
 )
-from cipdplugin.backend import DEFAULT_TIMEOUT
+from cipdplugin.backend import DEFAULT_TIMEOUT, GCE_SERVICE_ACCOUNT, TokenSource
 from cipdplugin.cli.inputs import PluginSpec, UsageError, load_config, plugin_specs
+from cipdplugin.deadline import checked_timeout
 from cipdplugin.options import (
     ADMISSION_PLUGIN_ENV as PLUGIN_ENV,
 )
@@ -73,8 +76,33 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-auth",
         action="store_true",
-        help="send no credentials to the backend (by default https backends get a luci-auth token)",
+        help="send no credentials to the backend (by default https backends get a token, "
+        "chosen as the Go CIPD client chooses: see 'credentials' below)",
     )
+    parser.add_argument(
+        "--service-account-json",
+        metavar="PATH|:gce",
+        help="credentials from a service account JSON key (needs cipdplugin[google-auth]), "
+        "or ':gce' for the GCE metadata server",
+    )
+    parser.add_argument(
+        "--backend-timeout",
+        type=_backend_seconds,
+        metavar="SECONDS",
+        help=f"limit for each backend call, retries and the token included "
+        f"(default: {DEFAULT_TIMEOUT:g}, or half of --timeout if that is less)",
+    )
+
+
+def _backend_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    try:
+        return checked_timeout(value, "--backend-timeout")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def resolve_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Sources:
@@ -117,20 +145,43 @@ def resolve_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Sou
         origins.append(f"metadata from {args.metadata}")
         return Sources(cmdline, load_config(options.service_url, args.metadata), origins, plugins=specs)
 
-    credentials = "with luci-auth credentials"
-    if args.no_auth:
-        credentials = "without credentials (--no-auth)"
-    elif options.proxy_url is not None:
-        credentials = "without credentials (the proxy holds them)"
-    elif options.service_url.startswith("http://"):
-        credentials = "without credentials (plain http)"
-    token_source = LuciAuthTokenSource() if credentials.startswith("with ") else None
-    # Half the run's limit: a failing backend is reported as such, not as a timeout.
-    timeout = min(DEFAULT_TIMEOUT, args.timeout / 2)
-    backend = PrpcRepository.from_options(options, token_source=token_source, timeout=timeout)
+    token_source, credentials = _credentials(args, options.proxy_url, options.service_url, environ)
+    # By default half the run's limit: a failing backend is reported as such, not as a timeout.
+    timeout = args.backend_timeout or min(DEFAULT_TIMEOUT, args.timeout / 2)
+    backend = PrpcRepository.from_options(
+        options, token_source=token_source, timeout=timeout, environ=environ
+    )
     via = f" through the CIPD proxy {options.proxy_url}" if options.proxy_url else ""
     origins.append(f"metadata from the backend{via}, {credentials}")
+    origins.append(f"backend calls go to {backend.target}, each within {timeout:g} s")
     return Sources(cmdline, Config(options.service_url, backend), origins, backend, specs)
+
+
+def _credentials(
+    args: argparse.Namespace, proxy_url: str | None, service_url: str, environ: Mapping[str, str]
+) -> tuple[TokenSource | None, str]:
+    """The token source for the backend (None: no credentials), and how ``-v`` says it.
+
+    Raises:
+        UsageError: --no-auth and --service-account-json together.
+        ConfigError: the service account key cannot be used.
+    """
+    key = args.service_account_json
+    if args.no_auth and key:
+        raise UsageError("--no-auth and --service-account-json contradict each other")
+    if args.no_auth:
+        return None, "without credentials (--no-auth)"
+    if proxy_url is not None:
+        return None, "without credentials (the CIPD proxy holds them)"
+    if service_url.startswith("http://"):
+        return None, "without credentials (plain http)"
+    if key is not None and not key:
+        raise UsageError("--service-account-json must not be empty")
+    source = default_token_source(environ, service_account_json=key)
+    chosen = "--service-account-json" if key else "as the Go CIPD client chooses"
+    if key == GCE_SERVICE_ACCOUNT:
+        chosen = "--service-account-json :gce"
+    return source, f"with credentials from {source.description} ({chosen})"
 
 
 def _plugin_origin(args: argparse.Namespace, environ: Mapping[str, str], config_file: str | None) -> str:
