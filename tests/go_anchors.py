@@ -18,10 +18,11 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cipdplugin.pins import Pin
 
@@ -117,6 +118,11 @@ class DriverRun:
         return dict(PROBE_LINE.findall(self.stderr))
 
 
+def _text(file: IO[bytes]) -> str:
+    file.seek(0)
+    return file.read().decode("utf-8", errors="replace")
+
+
 class DriverError(RuntimeError):
     """go-host-driver printed no report (a usage error, a crash, a timeout)."""
 
@@ -128,16 +134,20 @@ def run_driver(plugin: list[str], *flags: str, timeout: float = 120.0) -> Driver
         DriverError: it printed no JSON report, or did not end within ``timeout``.
     """
     command = [go_binary("go-host-driver"), "-json", *flags, "--", *plugin]
-    started = time.monotonic()
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
-        raise DriverError(f"go-host-driver did not finish in {timeout} s; stderr:\n{stderr}") from None
+    # Files, not pipes: a plugin the driver leaves behind would hold a pipe
+    # open, and reading it to its end would wait for that plugin.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.monotonic()
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise DriverError(
+                f"go-host-driver did not finish in {timeout} s; stderr:\n{_text(err)}"
+            ) from None
+        stdout, stderr = _text(out), _text(err)
     seconds = time.monotonic() - started
     lines = stdout.strip().splitlines()
     try:

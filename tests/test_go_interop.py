@@ -24,6 +24,7 @@ import math
 import os
 import queue
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -189,20 +190,6 @@ def test_go_host_gets_the_verdicts_of_go_plugin_trivial_from_our_sdk() -> None:
     assert 'Using deployment admission plugin "go-peer-plugin 1.0"' in ours.stderr
 
 
-def test_go_host_gets_each_denial_message_and_error_code_from_our_sdk() -> None:
-    # admission_plugin.py "admit": deny/ is denied naming the package,
-    # error/ is answered PERMISSION_DENIED "no access".
-    denied = run_driver(plugin_cmd("admit"), "-n", "12", "-deny-every", "3", "-deny-prefix", "deny/pkg/")
-    assert denied.returncode == 0, denied.stderr
-    pins = driver_pins(12, 3, "deny/pkg/")
-    expected = {f"{pin.package} is denied" for pin in pins if pin.package.startswith("deny/")}
-    assert Tally.of_driver(denied) == Tally(8, 4, expected)
-
-    failed = run_driver(plugin_cmd("admit"), "-n", "6", "-deny-every", "2", "-deny-prefix", "error/pkg/")
-    assert failed.returncode == 1  # the driver's exit status for error verdicts
-    assert Tally.of_driver(failed) == Tally(3, 0, set(), {"code = PermissionDenied desc = no access"}, 3)
-
-
 def test_go_host_reports_our_handler_exception_as_an_aborted_verdict() -> None:
     run = run_driver(peer_plugin_cmd("raise"), "-n", "5")
     message = "the admission handler raised RuntimeError: policy exploded"
@@ -213,8 +200,8 @@ def test_go_host_reports_our_handler_exception_as_an_aborted_verdict() -> None:
 
 @pytest.mark.parametrize("entries", [1, SDK_PAGE_SIZE, SDK_PAGE_SIZE + 1, 45])
 def test_go_host_pages_metadata_for_our_sdk_as_for_luci_sdk(entries: int) -> None:
-    flags = ("-n", "20", "-allow-md", "-md-entries", str(entries), "-deny-every", "10")
-    flags += ("-deny-prefix", "experimental/pkg/", "-expect", "admit")
+    flags = ["-n", "20", "-allow-md", "-md-entries", str(entries), "-deny-every", "10"]
+    flags += ["-deny-prefix", "experimental/pkg/", "-expect", "admit"]
     ours = run_driver(peer_plugin_cmd("example"), *flags)
     theirs = run_driver([go_binary("go-example-plugin")], *flags)
     assert ours.returncode == theirs.returncode == 0, ours.stderr
@@ -345,6 +332,7 @@ def test_go_example_plugin_and_ours_agree_under_our_host(make_host: HostFactory)
             plugin = make_host(config).new_admission_plugin(cmdline)
             for pin in (no_entries, decoys, good, experimental):
                 error = plugin.check_admission(pin).exception(VERDICT_WAIT)
+                assert error is None or isinstance(error, AdmissionError), repr(error)
                 verdict = (
                     "admitted"
                     if error is None
@@ -478,10 +466,12 @@ def test_plugin_ignoring_eof_gets_sigterm_after_our_grace_and_only_sigkill_from_
 @pytest.mark.slow
 def test_connect_timeout_is_the_go_hosts(make_host: HostFactory) -> None:
     """Both hosts give a plugin that never calls ListAdmissions 30 s (slow: run by make soak)."""
+    # Reads stdin to its end and exits: it never connects, and leaves when told.
+    silent = [sys.executable, "-c", "import sys; sys.stdin.buffer.read()"]
     with futures.ThreadPoolExecutor(1) as pool:
-        live_future = pool.submit(run_driver, plugin_cmd("never-connect"), "-n", "1")
+        live_future = pool.submit(run_driver, silent, "-n", "1")
         host = make_host(Config(GO_SERVICE_URL))
-        plugin = host.new_admission_plugin(plugin_cmd("never-connect"))
+        plugin = host.new_admission_plugin(silent)
         started = time.monotonic()
         error = plugin.check_admission(DRIVER_WARM_UP).exception(DEFAULT_CONNECT_TIMEOUT + 30)
         elapsed = time.monotonic() - started
@@ -489,10 +479,11 @@ def test_connect_timeout_is_the_go_hosts(make_host: HostFactory) -> None:
     assert isinstance(error, PluginStartError)
     assert DEFAULT_CONNECT_TIMEOUT - 0.5 <= elapsed <= DEFAULT_CONNECT_TIMEOUT + CLOSE_MARGIN
     assert "while waiting for ListAdmissions RPC: context deadline exceeded" in live.stderr
+    # The Go host's warm-up check is that first verdict.
     assert (
         DEFAULT_CONNECT_TIMEOUT - 0.5
-        <= live.seconds
-        <= DEFAULT_CONNECT_TIMEOUT + KILL_DEADLINE + CLOSE_MARGIN
+        <= live["cold_first_ms"] / 1000
+        <= DEFAULT_CONNECT_TIMEOUT + CLOSE_MARGIN
     )
 
 
