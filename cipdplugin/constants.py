@@ -17,14 +17,14 @@ from __future__ import annotations
 #: deadline the SPEC gives ``close()``, after which whatever is left is killed.
 #: luci-go: ``host/host.go``, ``PluginProcess.Terminate``
 #: (``context.WithTimeout(ctx, 5*time.Second)``, then ``Process.Kill``).
-#: Test: ``test_stubborn_go_plugin_is_gone_by_the_kill_deadline_as_under_the_go_host``.
+#: Test: ``test_stop_grace_and_kill_deadline_beside_the_go_host``.
 KILL_DEADLINE = 5.0
 #: How long a plugin may take to exit on its own once its stdin is closed,
 #: before the host sends SIGTERM. The SDK exits within ``SDK_STOP_GRACE`` of
 #: its stdin closing; the rest is room for a loaded machine. Ours: the Go
 #: host's ``PluginProcess.Terminate`` (``host/host.go``) sends no SIGTERM at
 #: all, it closes stdin and kills at ``KILL_DEADLINE``. Test:
-#: ``test_plugin_ignoring_eof_gets_sigterm_after_our_grace_and_only_sigkill_from_go``.
+#: ``test_stop_grace_and_kill_deadline_beside_the_go_host``.
 STOP_GRACE = 1.0
 #: The SDK's share of ``STOP_GRACE``: after stdin closes, the plugin's run
 #: loop and then its log flush get this long in all, so a plugin built with

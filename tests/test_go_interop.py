@@ -91,7 +91,7 @@ pytestmark = pytest.mark.usefixtures("go_binaries")
 #: Bound on every verdict awaited here.
 VERDICT_WAIT = 60.0
 #: How long the Go host keeps a probe plugin before closing (see probe_flags).
-PROBE_LINGER = 2.0
+PROBE_LINGER = 1.0
 ALLOWED_KEY = "allowed-sha256"
 
 
@@ -379,12 +379,15 @@ def probe_flags(with_repository: bool) -> list[str]:
 def test_probe_codes_of_our_host_are_the_go_hosts(
     logged_host: HostFactory, records: Records, with_repository: bool
 ) -> None:
-    live = run_driver([go_binary("go-rpc-probe-plugin"), "-no-v2"], *probe_flags(with_repository))
+    probe = [go_binary("go-rpc-probe-plugin"), "-no-v2"]
+    with futures.ThreadPoolExecutor(1) as pool:  # the Go host runs meanwhile
+        live_future = pool.submit(run_driver, probe, *probe_flags(with_repository))
+        host = logged_host(Config(GO_SERVICE_URL, StaticRepository() if with_repository else None))
+        plugin = host.new_admission_plugin(probe)
+        assert plugin.check_admission(DRIVER_WARM_UP).exception(VERDICT_WAIT) is None
+        ours = probe_codes(records, "ResolveAdmission.unknown_id")
+        live = live_future.result(VERDICT_WAIT)
     assert live.returncode == 0, live.stderr
-    host = logged_host(Config(GO_SERVICE_URL, StaticRepository() if with_repository else None))
-    plugin = host.new_admission_plugin([go_binary("go-rpc-probe-plugin"), "-no-v2"])
-    assert plugin.check_admission(DRIVER_WARM_UP).exception(VERDICT_WAIT) is None
-    ours = probe_codes(records, "ResolveAdmission.unknown_id")
     column = 1 if with_repository else 0
     table = {
         name: row[column]
@@ -399,19 +402,22 @@ def test_probe_codes_of_our_host_are_the_go_hosts(
 def test_protocol_version_2_is_refused_as_the_go_host_refuses_it(
     logged_host: HostFactory, records: Records, with_repository: bool
 ) -> None:
-    live = run_driver([go_binary("go-rpc-probe-plugin")], *probe_flags(with_repository))
+    probe = [go_binary("go-rpc-probe-plugin")]
+    with futures.ThreadPoolExecutor(1) as pool:  # the Go host runs meanwhile
+        live_future = pool.submit(run_driver, probe, *probe_flags(with_repository))
+        host = logged_host(Config(GO_SERVICE_URL, StaticRepository() if with_repository else None))
+        plugin = host.new_admission_plugin(probe)
+        error = plugin.check_admission(DRIVER_WARM_UP).exception(VERDICT_WAIT)
+        name = "ListAdmissions.protocol_version_2"
+        ours = probe_codes(records, name)[name]
+        live = live_future.result(VERDICT_WAIT)
     # The Go host answers each check of a refused plugin with the refusal.
     refusal = f"unknown protocol version 2: expecting {PROTOCOL_VERSION}"
     assert Tally.of_driver(live) == Tally(0, 1, {refusal})
-    host = logged_host(Config(GO_SERVICE_URL, StaticRepository() if with_repository else None))
-    plugin = host.new_admission_plugin([go_binary("go-rpc-probe-plugin")])
-    error = plugin.check_admission(DRIVER_WARM_UP).exception(VERDICT_WAIT)
     assert isinstance(error, PluginStartError)
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION
     assert "version 2" in error.message
-    name = "ListAdmissions.protocol_version_2"
-    expected = GO_PROBE_TABLE[name][1 if with_repository else 0]
-    assert probe_codes(records, name)[name] == live.probes()[name] == expected
+    assert ours == live.probes()[name] == GO_PROBE_TABLE[name][1 if with_repository else 0]
 
 
 # -- Stopping: the stop grace and the kill deadline --------------------------------------
@@ -423,44 +429,41 @@ def _timed(action: Any) -> float:
     return time.monotonic() - started
 
 
-def test_stubborn_go_plugin_is_gone_by_the_kill_deadline_as_under_the_go_host(make_host: HostFactory) -> None:
+def test_stop_grace_and_kill_deadline_beside_the_go_host(make_host: HostFactory) -> None:
+    """Two plugins that miss stdin's EOF, each stopped by our host and by the
+    Go host, all four at once (each waits out a 5 s deadline)."""
+    # go-rpc-probe-plugin -ignore-eof ignores EOF and SIGTERM: only SIGKILL ends it.
     stubborn = [go_binary("go-rpc-probe-plugin"), "-no-v2", "-ignore-eof"]
-    # The Go host runs meanwhile, on a thread: both wait out the same 5 s.
-    with futures.ThreadPoolExecutor(1) as pool:
-        live_future = pool.submit(run_driver, stubborn, "-n", "1")
-        host = make_host(Config(GO_SERVICE_URL))
-        plugin = host.new_admission_plugin(stubborn)
-        assert plugin.check_admission(DRIVER_WARM_UP).exception(VERDICT_WAIT) is None
+    # admission_plugin.py "ignore-eof" ignores EOF and dies of SIGTERM.
+    deaf = plugin_cmd("ignore-eof")
+    with futures.ThreadPoolExecutor(4) as pool:
+        live_stubborn = pool.submit(run_driver, stubborn, "-n", "1")
+        live_deaf = pool.submit(run_driver, deaf, "-n", "1")
+        stubborn_host, deaf_host = make_host(Config(GO_SERVICE_URL)), make_host(Config(GO_SERVICE_URL))
+        for host, cmdline in ((stubborn_host, stubborn), (deaf_host, deaf)):
+            plugin = host.new_admission_plugin(cmdline)
+            assert plugin.check_admission(DRIVER_WARM_UP).exception(VERDICT_WAIT) is None
         pids = {
             child.pid
             for child in psutil.Process().children()
             if child.cmdline()[:1] == [go_binary("go-rpc-probe-plugin")]
         }
-        assert len(pids) == 1
-        elapsed = _timed(host.close)
-        live = live_future.result(VERDICT_WAIT)
+        assert len(pids) == 1  # ours; the Go host's is its own child
+        stubborn_close = pool.submit(_timed, stubborn_host.close)
+        deaf_close = pool.submit(_timed, deaf_host.close)
+        elapsed = {"stubborn": stubborn_close.result(VERDICT_WAIT), "deaf": deaf_close.result(VERDICT_WAIT)}
+        go_close = {
+            "stubborn": live_stubborn.result(VERDICT_WAIT)["close_ms"] / 1000,
+            "deaf": live_deaf.result(VERDICT_WAIT)["close_ms"] / 1000,
+        }
     assert not any(running(pid) for pid in pids)
-    # It ignores stdin EOF and SIGTERM: only SIGKILL at the deadline ends it.
-    assert KILL_DEADLINE - 0.1 <= elapsed <= KILL_DEADLINE + CLOSE_MARGIN
-    # The Go host's Host.Close waits the same deadline, then kills it.
-    assert KILL_DEADLINE - 0.1 <= live["close_ms"] / 1000 <= KILL_DEADLINE + CLOSE_MARGIN, live.report
-
-
-def test_plugin_ignoring_eof_gets_sigterm_after_our_grace_and_only_sigkill_from_go(
-    make_host: HostFactory,
-) -> None:
-    # admission_plugin.py "ignore-eof" keeps running once stdin closes, and dies of SIGTERM.
-    with futures.ThreadPoolExecutor(1) as pool:
-        live_future = pool.submit(run_driver, plugin_cmd("ignore-eof"), "-n", "1")
-        host = make_host(Config(GO_SERVICE_URL))
-        plugin = host.new_admission_plugin(plugin_cmd("ignore-eof"))
-        assert plugin.check_admission(DRIVER_WARM_UP).exception(VERDICT_WAIT) is None
-        elapsed = _timed(host.close)
-        live = live_future.result(VERDICT_WAIT)
-    # Ours: stdin closed, SIGTERM after STOP_GRACE, long before the deadline.
-    assert STOP_GRACE - 0.05 <= elapsed <= KILL_DEADLINE - 1.0
-    # Go's: stdin closed, no SIGTERM ever, SIGKILL at the deadline.
-    assert live["close_ms"] / 1000 >= KILL_DEADLINE - 0.1, live.report
+    # The kill deadline: both hosts SIGKILL the stubborn plugin at 5 s.
+    assert KILL_DEADLINE - 0.1 <= elapsed["stubborn"] <= KILL_DEADLINE + CLOSE_MARGIN, elapsed
+    assert KILL_DEADLINE - 0.1 <= go_close["stubborn"] <= KILL_DEADLINE + CLOSE_MARGIN, go_close
+    # The stop grace: ours SIGTERMs after STOP_GRACE, long before the
+    # deadline; the Go host never sends SIGTERM, and kills at the deadline.
+    assert STOP_GRACE - 0.05 <= elapsed["deaf"] <= KILL_DEADLINE - 1.0, elapsed
+    assert go_close["deaf"] >= KILL_DEADLINE - 0.1, go_close
 
 
 @pytest.mark.slow
