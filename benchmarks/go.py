@@ -51,7 +51,7 @@ import psutil
 
 from benchmarks.bare import bare_host_burst, cpu_seconds
 from benchmarks.repositories import DigestRepository, PrpcDigestServer
-from benchmarks.results import BenchmarkError, Results, Target, log
+from benchmarks.results import BenchmarkError, Measurement, Results, Target, log
 from cipdplugin import AdmissionDenied, Config, Host, Pin, PrpcRepository, RepositoryClient
 from tests import go_anchors
 from tests.go_anchors import DRIVER_WARM_UP, GO_SERVICE_URL, DriverError, driver_pins, go_binary, run_driver
@@ -62,6 +62,9 @@ BARE_PLUGIN = [sys.executable, str(BENCH_DIR / "plugins.py"), "bare-plugin", "4"
 SDK_EXAMPLE_PLUGIN = go_anchors.peer_plugin_cmd("example")
 #: Bound on every verdict awaited, so that a broken run fails instead of hanging.
 WAIT_LIMIT = 300.0
+#: Our host's ``check_timeout``: a check whose answer is lost fails after
+#: this long (and is counted as failed) instead of holding the run.
+CHECK_TIMEOUT = 15.0
 #: Every 10th pin of the backend-bound runs is ``experimental/``, denied by name.
 DENY_EVERY = 10
 DENY_PREFIX = "experimental/pkg/"
@@ -95,19 +98,22 @@ def unavailable() -> str | None:
 
 
 def driver_run(plugin: list[str], count: int, *flags: str, admitted: int | None = None) -> dict[str, float]:
-    """One go-host-driver run; its rate, cold first verdict and metadata figures."""
+    """One go-host-driver run; its rate, cold first verdict and metadata
+    figures, and how many checks failed (errors, or verdicts not the policy's)."""
     try:
         run = run_driver(plugin, "-n", str(count), *flags, timeout=WAIT_LIMIT)
     except DriverError as exc:
         raise BenchmarkError(str(exc)) from None
     expected = count if admitted is None else admitted
-    if run["errors"] or run["mismatches"] or run["admitted"] != expected:
-        raise BenchmarkError(f"go-host-driver {' '.join(flags)} -- {plugin[-1]}: {run.report}\n{run.stderr}")
+    failed = run["errors"] + run["mismatches"] + abs(run["admitted"] - expected)
+    if failed:
+        log(f"    {failed} checks failed: {run.report}\n{run.stderr.strip()[-2000:]}")
     return {
         "seconds": count / run["checks_per_s"],
         "cold_first_seconds": run["cold_first_ms"] / 1000,
         "metadata_calls": float(run["metadata_calls"]),
         "peak_in_flight": float(run["max_concurrent_md"]),
+        "failed_checks": float(failed),
     }
 
 
@@ -115,18 +121,20 @@ def our_host_run(
     plugin: list[str], pins: list[Pin], repository: RepositoryClient | None = None, *, admitted: int
 ) -> dict[str, float]:
     """A fresh Host driving ``plugin``: the first check's verdict (launch
-    included), then every pin enqueued at once and awaited."""
+    included), then every pin enqueued at once and awaited. A check the
+    plugin never answers fails after ``CHECK_TIMEOUT``, and counts as failed."""
     host = Host(Config(GO_SERVICE_URL, repository))
     try:
-        checker = host.new_admission_plugin(plugin)
+        checker = host.new_admission_plugin(plugin, check_timeout=CHECK_TIMEOUT)
         start = time.perf_counter()
-        settle([checker.check_admission(DRIVER_WARM_UP)], 1)
+        if settle([checker.check_admission(DRIVER_WARM_UP)], 1):
+            raise BenchmarkError(f"{plugin[-1]} did not admit its first check")
         cold = time.perf_counter() - start
         processes = psutil.Process().children()
         me = psutil.Process()
         host_cpu, plugin_cpu = cpu_seconds(me), _cpu(processes)
         start = time.perf_counter()
-        settle([checker.check_admission(pin) for pin in pins], admitted)
+        failed = settle([checker.check_admission(pin) for pin in pins], admitted)
         elapsed = time.perf_counter() - start
         host_cpu, plugin_cpu = cpu_seconds(me) - host_cpu, _cpu(processes) - plugin_cpu
     finally:
@@ -136,19 +144,25 @@ def our_host_run(
         "cold_first_seconds": cold,
         "host_cpu_us_per_check": host_cpu / len(pins) * 1e6,
         "plugin_cpu_us_per_check": plugin_cpu / len(pins) * 1e6,
+        "failed_checks": float(failed),
     }
 
 
-def settle(promises: list[Future[None]], admitted: int) -> None:
-    """Wait for every promise; only ``admitted`` admissions and policy denials are expected."""
-    counts = [0, 0]
+def settle(promises: list[Future[None]], admitted: int) -> int:
+    """Wait for every promise; how many failed. Only ``admitted`` admissions
+    and the policy's denials are expected; any other error is a failure,
+    counted and logged (the first few), not raised: a pairing that loses
+    checks is measured and shown as such."""
+    admissions, failures = 0, []
     for promise in promises:
         error = promise.exception(timeout=WAIT_LIMIT)
-        if error is not None and not isinstance(error, AdmissionDenied):
-            raise BenchmarkError(f"a check failed: {error!r}")
-        counts[error is not None] += 1
-    if counts[0] != admitted:
-        raise BenchmarkError(f"{counts[0]} admitted and {counts[1]} denied, expected {admitted} admitted")
+        if error is None:
+            admissions += 1
+        elif not isinstance(error, AdmissionDenied):
+            failures.append(error)
+    for error in failures[:3]:
+        log(f"    a check failed: {error!r}")
+    return max(len(failures), abs(admissions - admitted))
 
 
 def _cpu(processes: list[psutil.Process]) -> float:
@@ -188,6 +202,7 @@ def measure_steady(results: Results, *, size: int, repeat: int) -> None:
             log(
                 f"  {size:>6} checks  {name:<22} rep {repetition + 1}: {rate:8.0f} checks/s, "
                 f"first verdict {details['cold_first_seconds'] * 1e3:.0f} ms"
+                + (f", {details['failed_checks']:.0f} checks FAILED" if details["failed_checks"] else "")
             )
 
 
@@ -201,15 +216,16 @@ def judge_steady(results: Results, size: int) -> None:
         paired = statistics.median(
             a / b for a, b in zip(figures[ours].values, figures[bare].values, strict=True)
         )
+        lost = failed_checks(figures[ours]) + failed_checks(figures[bare])
         results.targets.append(
             Target(
                 f"steady, {ours} vs {bare} (bare grpcio)",
                 "ratio",
                 paired,
                 TARGET_STEADY_VS_BARE,
-                paired >= TARGET_STEADY_VS_BARE,
+                paired >= TARGET_STEADY_VS_BARE and not lost,
                 f"median of paired ratios; medians {figures[ours].median:.0f}/s "
-                f"vs {figures[bare].median:.0f}/s",
+                f"vs {figures[bare].median:.0f}/s" + (f"; {lost:.0f} checks FAILED" if lost else ""),
             )
         )
     lines = [
@@ -219,9 +235,10 @@ def judge_steady(results: Results, size: int) -> None:
     ]
     for name in names:
         cold = results.measurements[f"go_steady.{name}.cold_first"].median
+        lost = failed_checks(figures[name])
         lines.append(
             f"  {name:<22} {figures[name].median:>9,.0f} {figures[name].median / reference:>7.2f}x "
-            f"{cold * 1e3:>11.1f} ms"
+            f"{cold * 1e3:>11.1f} ms" + (f"  ({lost:.0f} checks failed)" if lost else "")
         )
     results.notes["go_steady"] = {
         "summary": "\n".join(lines),
@@ -288,7 +305,13 @@ def measure_backend(results: Results, *, size: int, latencies: tuple[float, ...]
                 log(
                     f"  {size} pins at {latency * 1000:>3g} ms  {name:<24} rep {repetition + 1}: "
                     f"{rate:7.0f} pins/s, peak {details['peak_in_flight']:.0f} ListMetadata in flight"
+                    + (f", {details['failed_checks']:.0f} checks FAILED" if details["failed_checks"] else "")
                 )
+
+
+def failed_checks(measurement: Measurement) -> float:
+    """Checks that failed over every repetition of a figure."""
+    return sum(details.get("failed_checks", 0.0) for details in measurement.details)
 
 
 def backend_name(pairing: str, latency: float, size: int) -> str:
@@ -306,6 +329,9 @@ def judge_backend(results: Results, size: int, latencies: tuple[float, ...]) -> 
     def peak(name: str, latency: float) -> float:
         return results.measurements[backend_name(name, latency, size)].median_detail("peak_in_flight")
 
+    def lost_at(name: str, latency: float) -> float:
+        return failed_checks(results.measurements[backend_name(name, latency, size)])
+
     slow = [latency for latency in latencies if latency > 0]
     for name in BACKEND_PAIRINGS:  # the Go reference is shown, not judged
         for latency in slow:
@@ -313,15 +339,17 @@ def judge_backend(results: Results, size: int, latencies: tuple[float, ...]) -> 
             if bound is None:
                 continue
             ratio = median(name, latency) / median(name, 0.0)
+            lost = lost_at(name, latency) + lost_at(name, 0.0)
             results.targets.append(
                 Target(
                     f"backend-bound, {name}, {latency * 1000:g} ms vs 0 ms",
                     "ratio",
                     ratio,
                     bound,
-                    ratio >= bound,
+                    ratio >= bound and not lost,
                     f"{median(name, latency):.0f} vs {median(name, 0.0):.0f} pins/s; "
-                    f"peak {peak(name, latency):.0f} ListMetadata in flight",
+                    f"peak {peak(name, latency):.0f} ListMetadata in flight"
+                    + (f"; {lost:.0f} checks FAILED" if lost else ""),
                 )
             )
     header = f"  {'pairing':<24}" + "".join(f" {f'{latency * 1000:g} ms':>10}" for latency in latencies)
@@ -340,5 +368,6 @@ def judge_backend(results: Results, size: int, latencies: tuple[float, ...]) -> 
         line += "".join(
             f" {median(name, latency) / median(BACKEND_REFERENCE, latency):>7.2f}x" for latency in slow
         )
-        lines.append(line)
+        lost = sum(lost_at(name, latency) for latency in latencies)
+        lines.append(line + (f"  ({lost:.0f} checks failed)" if lost else ""))
     results.notes["go_backend"] = {"summary": "\n".join(lines)}
