@@ -16,7 +16,10 @@ The Go host is ``go-host-driver``: its ``checks_per_s`` (N over the time from
 the first call to the last verdict) and ``cold_first_ms`` (its warm-up
 check, plugin launch included). Our host and the bare host are timed the
 same way, in this process: a fresh host, the first check's verdict (launch
-included), then all N enqueued at once and awaited.
+included), then all N enqueued at once and awaited. Our host runs its
+plugin with a ``check_timeout`` of ``CHECK_TIMEOUT``: a check whose answer
+is lost then fails, is counted, and flags the pairing's verdicts, instead of
+holding the whole run.
 
 ``go-backend``: backend-bound throughput. The policy is luci's example
 plugin's (deny ``experimental/``, else admit if an ``allowed-sha256``
