@@ -147,8 +147,8 @@ def run_driver(plugin: list[str], *flags: str, timeout: float = 120.0) -> Driver
             raise DriverError(
                 f"go-host-driver did not finish in {timeout} s; stderr:\n{_text(err)}"
             ) from None
+        seconds = time.monotonic() - started
         stdout, stderr = _text(out), _text(err)
-    seconds = time.monotonic() - started
     lines = stdout.strip().splitlines()
     try:
         report = json.loads(lines[-1])
