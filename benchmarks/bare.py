@@ -1,6 +1,10 @@
-"""Baseline (a): the admission messages over bare grpcio, with no library logic.
+"""The bare grpcio baselines: the admission messages with no library logic.
 
-The host side lives here, in the benchmark's process: a gRPC server on
+``BareAdmissionServer`` and ``run_burst`` (baseline (a) of the throughput
+section) and ``BareHost`` (the host side of the Go-paired section, see the
+end of this module).
+
+For baseline (a), the host side lives here, in the benchmark's process: a gRPC server on
 127.0.0.1 whose ListAdmissions handler is a generator fed by a queue, and
 whose ResolveAdmission handler counts answers. The plugin side is
 ``benchmarks/plugins.py bare-peer`` in its own process. Per check, the same
@@ -12,7 +16,10 @@ hashing, tickets, the bounded queue, the SDK's handler plumbing.
 
 from __future__ import annotations
 
+import base64
+import json
 import queue
+import secrets
 import subprocess
 import sys
 import threading
@@ -159,3 +166,160 @@ def cpu_seconds(process: psutil.Process) -> float:
     """User plus system CPU time a process has used so far, all its threads."""
     times = process.cpu_times()
     return float(times.user + times.system)
+
+
+class BareHost:
+    """A complete plugin host in bare grpcio: the baseline of our host
+    driving a Go plugin. One per measurement, then closed.
+
+    It does what any host of the protocol must, and nothing of the library:
+    a grpcio server on 127.0.0.1, a 64-byte random ticket, the handshake line
+    on the plugin's stdin, the ticket checked on every call (UNAUTHENTICATED
+    without one, PERMISSION_DENIED if wrong), a ListAdmissions generator fed
+    by a queue, a ResolveAdmission handler that counts answers, and a
+    Host.Log that accepts any record. The clock of ``cold_first_seconds``
+    starts before the server is built: our host also starts its server with
+    the first launch.
+    """
+
+    def __init__(self, service_url: str, cmdline: list[str]) -> None:
+        started = time.perf_counter()
+        self._service_url = service_url
+        self._ticket = base64.b64encode(secrets.token_bytes(64)).decode("ascii").rstrip("=")
+        self._outbox: queue.SimpleQueue[plugin_pb2.Admission | None] = queue.SimpleQueue()
+        # Guards the two fields below.
+        self._lock = threading.Lock()
+        self._remaining = 0  # answers still expected in the current burst
+        self._answered = threading.Event()  # set when _remaining reaches 0
+        self._next_id = 0
+        # A deliberate independent baseline: the handler tables are written
+        # out here rather than taken from cipdplugin.host.transport.
+        handlers = [
+            grpc.method_handlers_generic_handler(
+                "cipd.plugin.Admissions",
+                {
+                    "ListAdmissions": grpc.unary_stream_rpc_method_handler(
+                        self._list_admissions,
+                        request_deserializer=plugin_pb2.ListAdmissionsRequest.FromString,
+                        response_serializer=plugin_pb2.Admission.SerializeToString,
+                    ),
+                    "ResolveAdmission": grpc.unary_unary_rpc_method_handler(
+                        self._resolve_admission,
+                        request_deserializer=plugin_pb2.ResolveAdmissionRequest.FromString,
+                        response_serializer=Empty.SerializeToString,
+                    ),
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                "cipd.plugin.Host",
+                {
+                    "Log": grpc.unary_unary_rpc_method_handler(
+                        self._log,
+                        request_deserializer=plugin_pb2.LogRequest.FromString,
+                        response_serializer=Empty.SerializeToString,
+                    ),
+                },
+            ),
+        ]
+        self._executor = futures.ThreadPoolExecutor(64, thread_name_prefix="bare-host")
+        self._server = grpc.server(self._executor, handlers=handlers, options=[("grpc.so_reuseport", 0)])
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+        self.plugin = subprocess.Popen(cmdline, stdin=subprocess.PIPE)
+        assert self.plugin.stdin is not None
+        self.plugin.stdin.write(json.dumps({"port": port, "ticket": self._ticket}).encode() + b"\n")
+        self.plugin.stdin.flush()
+        self._started = started
+
+    def _check_ticket(self, context: grpc.ServicerContext) -> None:
+        tickets = [value for key, value in context.invocation_metadata() if key == "x-plugin-ticket"]
+        if not tickets:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no ticket in the request")
+        if tickets[0] != self._ticket:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "invalid ticket in the request")
+
+    def _list_admissions(self, request: plugin_pb2.ListAdmissionsRequest, context: Any) -> Iterator[Any]:
+        self._check_ticket(context)
+        while True:
+            admission = self._outbox.get()  # Cannot hang: close() sends None.
+            if admission is None:
+                return
+            yield admission
+
+    def _resolve_admission(self, request: plugin_pb2.ResolveAdmissionRequest, context: Any) -> Empty:
+        self._check_ticket(context)
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining == 0:
+                self._answered.set()
+        return Empty()
+
+    def _log(self, request: plugin_pb2.LogRequest, context: Any) -> Empty:
+        self._check_ticket(context)
+        return Empty()
+
+    def check_all(self, pins: list[Pin]) -> None:
+        """Send one Admission per pin and return once every one is answered.
+
+        Raises:
+            TimeoutError: the plugin did not answer within ``WAIT_LIMIT``.
+        """
+        with self._lock:
+            self._remaining = len(pins)
+            self._answered.clear()
+        for pin in pins:
+            self._next_id += 1
+            self._outbox.put(
+                plugin_pb2.Admission(
+                    admission_id=str(self._next_id),
+                    service_url=self._service_url,
+                    package=pin.package,
+                    instance=pin.object_ref,
+                )
+            )
+        if not self._answered.wait(WAIT_LIMIT):
+            raise TimeoutError(f"the plugin answered {len(pins) - self._remaining} of {len(pins)}")
+
+    def cold_first_seconds(self, warm_up: Pin) -> float:
+        """Check ``warm_up``: the time from this host's start to that first answer."""
+        self.check_all([warm_up])
+        return time.perf_counter() - self._started
+
+    def close(self) -> None:
+        """End the stream, close the plugin's stdin, reap it and stop the server."""
+        self._outbox.put(None)
+        assert self.plugin.stdin is not None
+        self.plugin.stdin.close()
+        try:
+            self.plugin.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self.plugin.kill()
+            self.plugin.wait()
+        self._server.stop(grace=None).wait(5.0)
+        self._executor.shutdown(wait=False)
+
+
+def bare_host_burst(service_url: str, cmdline: list[str], pins: list[Pin], warm_up: Pin) -> dict[str, float]:
+    """A fresh ``BareHost`` driving ``cmdline``: its first answer, then one burst.
+
+    Returns cold_first_seconds, seconds (of the burst) and the host's and
+    plugin's CPU per check in the burst.
+    """
+    host = BareHost(service_url, cmdline)
+    try:
+        cold = host.cold_first_seconds(warm_up)
+        me, plugin = psutil.Process(), psutil.Process(host.plugin.pid)
+        host_cpu, plugin_cpu = cpu_seconds(me), cpu_seconds(plugin)
+        start = time.perf_counter()
+        host.check_all(pins)
+        elapsed = time.perf_counter() - start
+        host_cpu, plugin_cpu = cpu_seconds(me) - host_cpu, cpu_seconds(plugin) - plugin_cpu
+    finally:
+        host.close()
+    return {
+        "seconds": elapsed,
+        "cold_first_seconds": cold,
+        "host_cpu_us_per_check": host_cpu / len(pins) * 1e6,
+        "plugin_cpu_us_per_check": plugin_cpu / len(pins) * 1e6,
+        "failed_checks": 0.0,  # it counts answers only: a lost one raises TimeoutError
+    }

@@ -9,6 +9,13 @@ Usage: ``python benchmarks/plugins.py MODE [ARG...]``. Modes:
   ListAdmissions on 127.0.0.1:PORT and answers each Admission with one
   ResolveAdmission call, inline when WORKERS is 0, else from a thread pool
   of that size. It exits when the stream ends.
+* ``bare-plugin WORKERS``: a complete admission plugin in bare grpcio, the
+  baseline of our SDK under the Go host: it reads the handshake line from
+  stdin as JSON, sends the ticket as ``x-plugin-ticket`` metadata on every
+  call, opens ListAdmissions and admits each Admission with one
+  ResolveAdmission call from a pool of WORKERS threads. It stops when the
+  stream ends or stdin closes. No cipdplugin code, only its generated
+  messages.
 * ``decide-one PACKAGE:INSTANCE_ID``: the process-per-pin baseline, what
   legacy tooling does without the library: one process imports the same
   modules as a plugin, decides one pin, prints the verdict and exits.
@@ -75,6 +82,62 @@ def _run_bare_peer(port: int, workers: int) -> int:
     return 0
 
 
+def _run_bare_plugin(workers: int) -> int:
+    import json
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from google.protobuf.empty_pb2 import Empty
+
+    from cipdplugin.protocol import plugin_pb2
+
+    line = b""
+    while not line.endswith(b"\n"):  # byte by byte: stdin stays open after it
+        byte = os.read(0, 1)
+        if not byte:
+            return 2
+        line += byte
+    handshake = json.loads(line)
+    metadata = (("x-plugin-ticket", str(handshake["ticket"])),)
+    channel = grpc.insecure_channel(f"127.0.0.1:{handshake['port']}", options=[("grpc.enable_http_proxy", 0)])
+    list_admissions = channel.unary_stream(
+        "/cipd.plugin.Admissions/ListAdmissions",
+        request_serializer=plugin_pb2.ListAdmissionsRequest.SerializeToString,
+        response_deserializer=plugin_pb2.Admission.FromString,
+    )
+    resolve = channel.unary_unary(
+        "/cipd.plugin.Admissions/ResolveAdmission",
+        request_serializer=plugin_pb2.ResolveAdmissionRequest.SerializeToString,
+        response_deserializer=Empty.FromString,
+    )
+
+    def answer(admission: plugin_pb2.Admission) -> None:
+        request = plugin_pb2.ResolveAdmissionRequest(admission_id=admission.admission_id)
+        resolve(request, timeout=30, metadata=metadata)
+
+    stream = list_admissions(
+        plugin_pb2.ListAdmissionsRequest(protocol_version=1, plugin_version="bare"), metadata=metadata
+    )
+
+    def stop_at_end_of_stdin() -> None:
+        while os.read(0, 4096):
+            pass
+        stream.cancel()  # type: ignore[no-untyped-call]
+
+    threading.Thread(target=stop_at_end_of_stdin, daemon=True).start()
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for admission in stream:
+            pool.submit(answer, admission)
+    except grpc.RpcError:
+        pass  # The host ends the stream (or stdin closed): stop.
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        channel.close()
+    return 0
+
+
 def _run_decide_one(text: str) -> int:
     from cipdplugin.pins import Pin
     from cipdplugin.plugins import admission
@@ -95,9 +158,14 @@ def main(argv: list[str]) -> int:
         return _run_admit()
     if mode == "bare-peer" and len(argv) == 4:
         return _run_bare_peer(int(argv[2]), int(argv[3]))
+    if mode == "bare-plugin" and len(argv) == 3:
+        return _run_bare_plugin(int(argv[2]))
     if mode == "decide-one" and len(argv) == 3:
         return _run_decide_one(argv[2])
-    print(f"usage: {argv[0]} admit | bare-peer PORT WORKERS | decide-one PIN", file=sys.stderr)
+    print(
+        f"usage: {argv[0]} admit | bare-peer PORT WORKERS | bare-plugin WORKERS | decide-one PIN",
+        file=sys.stderr,
+    )
     return 2
 
 

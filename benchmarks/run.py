@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,10 @@ import google.protobuf
 import grpc
 import psutil
 
+from benchmarks import go
 from benchmarks.bare import cpu_seconds
 from benchmarks.bare import run_burst as bare_burst
+from benchmarks.results import BenchmarkError, Results, Target, log
 from benchmarks.startup import (
     FLOOR_IMPORT,
     SDK_IMPORT,
@@ -77,7 +79,17 @@ PYTHON_ONLY_COMMAND = [sys.executable, "-c", "import os; os.write(1, b'.')"]
 WAIT_LIMIT = 300.0
 #: Bare-gRPC peers measured: answering inline, and from a small thread pool.
 BARE_VARIANTS = {"inline": 0, "pool-4": 4}
-SECTIONS = ("startup", "throughput", "cold-start", "shutdown", "memory", "process-per-pin", "pipeline")
+SECTIONS = (
+    "startup",
+    "throughput",
+    "cold-start",
+    "shutdown",
+    "memory",
+    "process-per-pin",
+    "pipeline",
+    "go-steady",
+    "go-backend",
+)
 
 # The targets, as ratios or bounds within one run.
 TARGET_THROUGHPUT_RATIO = 0.7
@@ -102,10 +114,6 @@ TARGET_AUDIT_COST = 0.05
 CHAIN_SIZE = 3
 
 
-class BenchmarkError(RuntimeError):
-    """A measurement could not be taken (a check failed, a process misbehaved)."""
-
-
 @dataclass
 class Settings:
     sizes: tuple[int, ...]
@@ -123,67 +131,12 @@ class Settings:
     process_per_pin: int  # pins run one process each
     startup_repeat: int
     pipeline_size: int  # checks per burst of the audit log and chain figures
+    go_steady_size: int  # checks per steady run beside the Go client
+    go_backend_size: int  # pins per backend-bound run
+    go_latencies: tuple[float, ...]  # repository latencies of the backend-bound runs, seconds
 
     def repeats_for(self, size: int) -> int:
         return self.repeat_large if size in self.large_sizes else self.repeat
-
-
-@dataclass
-class Measurement:
-    """One figure: its value in each repetition, and per-repetition details."""
-
-    name: str
-    unit: str
-    values: list[float] = field(default_factory=list)
-    details: list[dict[str, float]] = field(default_factory=list)
-
-    def add(self, value: float, **details: float) -> None:
-        self.values.append(value)
-        self.details.append(details)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-    def median_detail(self, key: str) -> float:
-        return statistics.median(d[key] for d in self.details)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "unit": self.unit,
-            "median": self.median,
-            "repetitions": self.values,
-            "details": self.details,
-        }
-
-
-@dataclass
-class Target:
-    name: str
-    unit: str
-    value: float
-    bound: float
-    passed: bool
-    explanation: str
-
-
-class Results:
-    def __init__(self) -> None:
-        self.measurements: dict[str, Measurement] = {}
-        self.targets: list[Target] = []
-        self.notes: dict[str, Any] = {}
-
-    def get(self, name: str, unit: str) -> Measurement:
-        if name not in self.measurements:
-            self.measurements[name] = Measurement(name, unit)
-        return self.measurements[name]
-
-    def has(self, name: str) -> bool:
-        return name in self.measurements and bool(self.measurements[name].values)
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 # -- Pins and checks -----------------------------------------------------------
@@ -389,6 +342,29 @@ def measure_pipeline(settings: Settings, results: Results) -> None:
         audit.parent.rmdir()
 
 
+# -- Beside the Go client (benchmarks/go.py) ---------------------------------------
+
+
+def measure_go_steady(settings: Settings, results: Results) -> None:
+    reason = go.unavailable()
+    if reason is not None:
+        log(f"  skipped: {reason}")
+        results.notes["go_steady"] = {"skipped": reason}
+        return
+    go.measure_steady(results, size=settings.go_steady_size, repeat=settings.repeat)
+
+
+def measure_go_backend(settings: Settings, results: Results) -> None:
+    reason = go.unavailable()
+    if reason is not None:
+        log(f"  skipped: {reason}")
+        results.notes["go_backend"] = {"skipped": reason}
+        return
+    go.measure_backend(
+        results, size=settings.go_backend_size, latencies=settings.go_latencies, repeat=settings.repeat
+    )
+
+
 # -- Cold start --------------------------------------------------------------------
 
 
@@ -568,6 +544,8 @@ def best_bare(results: Results, size: int) -> tuple[str, float] | None:
 
 
 def judge(settings: Settings, results: Results) -> None:
+    go.judge_steady(results, settings.go_steady_size)
+    go.judge_backend(results, settings.go_backend_size, settings.go_latencies)
     for size in settings.sizes:
         name = f"throughput.cipdplugin.1-plugin.steady.{size}"
         bare = best_bare(results, size)
@@ -792,9 +770,10 @@ def print_table(results: Results) -> None:
         for target in results.targets
     ]
     print(render(target_rows, ["target", "value", "bound", "verdict", "detail"], {1, 2}))
-    if "pipeline" in results.notes:
-        print()
-        print(results.notes["pipeline"]["summary"])
+    for note in results.notes.values():
+        if isinstance(note, dict) and "summary" in note:
+            print()
+            print(note["summary"])
 
 
 def machine_info() -> dict[str, Any]:
@@ -864,6 +843,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             process_per_pin=10,
             startup_repeat=max(repeat, 7),
             pipeline_size=2_000,
+            go_steady_size=1_000,
+            go_backend_size=600,
+            go_latencies=(0.0, 0.020),
         )
     repeat = args.repeat or 3
     return Settings(
@@ -880,6 +862,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         process_per_pin=200,
         startup_repeat=max(repeat, 15),
         pipeline_size=10_000,
+        go_steady_size=5_000,
+        go_backend_size=600,
+        go_latencies=(0.0, 0.020, 0.100),
     )
 
 
@@ -899,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": measure_throughput,
         "memory": measure_memory,
         "pipeline": measure_pipeline,
+        "go-steady": measure_go_steady,
+        "go-backend": measure_go_backend,
     }
     try:
         for section, step in steps.items():

@@ -1,6 +1,12 @@
 """Every tunable number of cipdplugin, each with the reason for its value.
 
 Both sides read it (the host and the plugin SDK), so it imports nothing.
+
+A value that mirrors the Go CIPD client names its source in luci-go (paths
+under ``cipd/client/cipd/plugin/``, then the function and what it says); one
+that is ours says so, and what Go does instead (docs/design.md has the table
+of where we differ on purpose). The values a Go binary can show are compared
+with luci-go's binaries by tests/test_go_interop.py, named beside each.
 """
 
 from __future__ import annotations
@@ -9,26 +15,41 @@ from __future__ import annotations
 
 #: Termination never takes longer than this (plus a small constant): the
 #: deadline the SPEC gives ``close()``, after which whatever is left is killed.
+#: luci-go: ``host/host.go``, ``PluginProcess.Terminate``
+#: (``context.WithTimeout(ctx, 5*time.Second)``, then ``Process.Kill``).
+#: Test: ``test_stop_grace_and_kill_deadline_beside_the_go_host``.
 KILL_DEADLINE = 5.0
 #: How long a plugin may take to exit on its own once its stdin is closed,
 #: before the host sends SIGTERM. The SDK exits within ``SDK_STOP_GRACE`` of
-#: its stdin closing; the rest is room for a loaded machine.
+#: its stdin closing; the rest is room for a loaded machine. Ours: the Go
+#: host's ``PluginProcess.Terminate`` (``host/host.go``) sends no SIGTERM at
+#: all, it closes stdin and kills at ``KILL_DEADLINE``. Test:
+#: ``test_stop_grace_and_kill_deadline_beside_the_go_host``.
 STOP_GRACE = 1.0
 #: The SDK's share of ``STOP_GRACE``: after stdin closes, the plugin's run
 #: loop and then its log flush get this long in all, so a plugin built with
-#: the SDK is gone before the host would SIGTERM it.
+#: the SDK is gone before the host would SIGTERM it. Ours: luci's SDK
+#: (``plugins/plugins.go``, ``Run``) cancels its context when stdin closes and
+#: returns when its run loop does, without a bound. Test (under the Go host,
+#: which would kill it only at 5 s):
+#: ``test_our_plugin_leaves_promptly_when_the_go_host_closes``.
 SDK_STOP_GRACE = STOP_GRACE / 2
 #: Bound on the wait for SIGKILLed processes to vanish: they cannot refuse,
 #: so this only covers the kernel's and the reaper's latency (milliseconds,
-#: or a few hundred on a machine under load).
+#: or a few hundred on a machine under load). Ours (the Go host waits for
+#: the reaping without a bound).
 KILL_SETTLE = 0.3
 #: What ``Host.close()`` may take beyond its kill deadline: SIGKILLed
 #: processes vanishing (``KILL_SETTLE``), the server's threads leaving and
 #: the audit log writing what it holds all fit in it. One budget for the
 #: whole close: ``close()`` returns within the kill deadline plus this.
+#: Ours (the Go host's ``Host.Close`` waits for every plugin's reaping and
+#: stops its server without a bound of its own). Test:
+#: ``test_close_returns_within_the_kill_deadline_plus_the_margin``.
 CLOSE_MARGIN = 0.5
 #: After a plugin's stream breaks, how long to wait for its exit status so the
-#: error can say "exited with code N". The Go host waits 50 ms; our exit is
+#: error can say "exited with code N". The Go host waits 50 ms (``host/admission.go``,
+#: ``AdmissionPlugin.onDisconnected``: ``time.After(50 * time.Millisecond)``); our exit is
 #: noticed by a monitor thread that may wait for the GIL behind busy server
 #: threads, and the wait ends the moment the status arrives, so a longer
 #: bound costs nothing when the plugin does exit, and only matters for one
@@ -38,19 +59,34 @@ EXIT_STATUS_WAIT = 1.0
 #: reach it (and the plugin to leave on its own) before its stdin is closed.
 #: The server's "call done" comes when the status is written to the socket,
 #: not when the plugin has read it; a plugin that exits on stdin EOF must
-#: still learn why it was refused.
+#: still learn why it was refused. Ours: the Go host (``host/admission.go``,
+#: ``AdmissionPlugin.onConnected``, then ``launchPlugin`` calling
+#: ``Terminate``) closes the plugin's stdin at once, racing its answer. Test
+#: (the answer arrives):
+#: ``test_protocol_version_2_is_refused_as_the_go_host_refuses_it``.
 REFUSAL_GRACE = 1.0
 
 # -- Admission plugins -------------------------------------------------------
 
-#: How long a new plugin has to call ListAdmissions (the Go host's default).
+#: How long a new plugin has to call ListAdmissions. luci-go:
+#: ``host/admission.go``, ``NewAdmissionPlugin`` (``timeout: 30 * time.Second``,
+#: waited for in ``launchPlugin``). Test (slow, ``make soak``):
+#: ``test_connect_timeout_is_the_go_hosts``.
 DEFAULT_CONNECT_TIMEOUT = 30.0
 #: Checks queued but not yet sent, per plugin, before ``check_admission``
 #: blocks: enough for a large deployment in one go, small enough to bound memory.
+#: Ours: the Go host's queue (``host/admission.go``, ``NewAdmissionPlugin``:
+#: ``make(chan *Promise, 1000000)``) never blocks in practice.
 DEFAULT_MAX_PENDING = 1024
 #: The largest message a plugin accepts: gRPC's default receive limit, which
 #: the Go SDK and ours keep. A check whose Admission is larger is refused
-#: before it is sent, alone, instead of breaking the plugin's stream.
+#: before it is sent, alone, instead of breaking the plugin's stream (a Go
+#: plugin sent one crashes). luci-go sets no limit of its own
+#: (``host/host.go``, ``Host.initServer``: ``grpc.NewServer`` without one;
+#: ``plugins/plugins.go``, ``Run``: ``grpc.DialContext`` without one), so
+#: grpc-go's defaults hold: ``defaultServerMaxReceiveMessageSize`` and
+#: ``defaultClientMaxReceiveMessageSize``, 4 MiB. Test:
+#: ``test_message_limit_is_the_go_plugins``.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: ResolveAdmission calls a plugin may have open beyond one per unsettled
 #: check. An answer's call stays open a moment after its check is settled
@@ -58,20 +94,23 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: burst's last answers can outnumber the checks left by hundreds. As large
 #: as the budget of short calls, so that a well-behaved plugin never meets
 #: it (the Go SDK does not retry a refused answer); a plugin that opens
-#: answers and never sends them holds at most this many threads beyond its checks.
+#: answers and never sends them holds at most this many threads beyond its
+#: checks. Ours (the Go host refuses no call for capacity).
 ANSWER_SLACK = 1024
 
 #: Checks the stream takes from the queue at a time. The rest stay queued,
 #: so a check whose deadline passes before the stream reaches it (a plugin
 #: that stopped reading) is never sent, and a burst's messages are not all
-#: held at once by the stream.
+#: held at once by the stream. Ours (Go's stream sends from a channel, one
+#: admission at a time).
 STREAM_BATCH = 256
 
 # -- Metadata ----------------------------------------------------------------
 
 #: Entries per ListMetadata page the plugin SDK asks for when its handler
 #: does not say: luci-go ``cipd/client/cipd/plugin/plugins/admission/admission.go``,
-#: ``VisitMetadata`` (``if pageSize <= 0 { pageSize = 20 }``).
+#: ``infoImpl.VisitMetadata`` (``if pageSize <= 0 { pageSize = 20 }``). Test:
+#: ``test_go_host_pages_metadata_for_our_sdk_as_for_luci_sdk``.
 SDK_PAGE_SIZE = 20
 #: Entries per page ``StaticRepository`` returns for a request without a page
 #: size (ours: such a request comes from a caller other than the SDK, which
@@ -80,25 +119,36 @@ REPOSITORY_PAGE_SIZE = 100
 
 # -- The server --------------------------------------------------------------
 
-#: Tickets are this many random bytes (before base64), as the Go host's.
+#: Tickets are this many random bytes (before base64), as the Go host's:
+#: luci-go ``host/host.go``, ``Host.LaunchPlugin`` (``make([]byte, 64)`` from
+#: ``crypto/rand``, encoded with ``base64.RawStdEncoding``: 86 characters).
+#: Test: ``test_go_handshake_has_our_fields_and_ticket_length``.
 TICKET_BYTES = 64
 #: Short calls (Log, ListMetadata) one plugin may have open at once; each
 #: holds a server thread while open. Per plugin, so that one plugin using up
 #: its budget delays no other; large enough for a plugin that lists the
-#: metadata of every pin of a deployment at once (the Go example plugin
-#: does). Calls beyond it are refused with RESOURCE_EXHAUSTED before they
-#: take a thread; calls without a valid ticket are refused before that.
+#: metadata of every pin of a deployment at once (luci's example plugin
+#: does: the Go host served 540 at once). Calls beyond it are refused with
+#: RESOURCE_EXHAUSTED before they take a thread; calls without a valid
+#: ticket are refused before that. Ours: the Go host's server
+#: (``host/host.go``, ``Host.initServer``) sets no limit, each call being a
+#: goroutine. Test: ``test_a_plugin_holding_its_budget_delays_no_other``.
 PLUGIN_CALL_BUDGET = 1024
 #: How much sooner than its caller's deadline the host gives up on a
 #: repository that takes a timeout: time for the answer to reach the plugin.
+#: Ours (the Go host passes the call's context to its repository, which
+#: then fails with the context's own DEADLINE_EXCEEDED).
 METADATA_ANSWER_MARGIN = 1.0
 
 # -- Output of plugins ---------------------------------------------------------
 
 #: Longer output lines are cut before they reach the log: one runaway line
-#: must not become one giant log record.
+#: must not become one giant log record. Ours: the Go host
+#: (``host/host.go``, ``Host.launchProcess``: ``cmd.Stdout = os.Stdout``,
+#: ``cmd.Stderr = os.Stderr``) passes the plugin's output through untouched.
 MAX_LOG_LINE = 16 * 1024
 #: How many of the plugin's last stderr lines are kept for error messages.
+#: Ours (the Go host keeps none; see ``MAX_LOG_LINE``).
 STDERR_TAIL = 5
 
 # -- Input files ---------------------------------------------------------------

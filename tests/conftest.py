@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from cipdplugin import Config, Host, ListMetadataRequest, ListMetadataResponse, StaticRepository
+from tests import go_anchors
 from tests.prpc_backend import PrpcBackend, TLSFiles, make_tls_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -293,3 +294,15 @@ def logged_host(make_host: Callable[..., Host], records: Records) -> Callable[..
         return make_host(config, logger=records.logger, **kwargs)
 
     return make
+
+
+# -- The Go CIPD client's binaries (tests/go_anchors.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def go_binaries() -> None:
+    """Skip unless the Go binaries are in ../shared/anchors/bin; fail instead where CI requires them."""
+    if go_anchors.missing_binaries():
+        if os.environ.get(go_anchors.REQUIRE_ENV):
+            pytest.fail(f"{go_anchors.missing_reason()}; {go_anchors.REQUIRE_ENV} requires them")
+        pytest.skip(go_anchors.missing_reason())
