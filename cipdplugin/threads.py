@@ -51,6 +51,10 @@ class DaemonThreads(futures.Executor):
         """Threads started so far and not yet told to stop."""
         return len(self._threads)
 
+    def runs_on_this_thread(self) -> bool:
+        """Whether the calling thread is one of this pool's."""
+        return threading.current_thread() in self._threads
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a pool thread; its Future holds the outcome.
 

@@ -9,7 +9,7 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Protocol
 
 from cipdplugin.config import Config
@@ -90,6 +90,7 @@ class Host:
         self._config = config
         self._launched = False  # a plugin was launched: the config is fixed
         self._closed: Future[None] | None = None  # the close, once close() was called
+        self._checks_failed: Future[None] = Future()  # the close has failed every pending check
         # The plugins of every kind made here. Weak: a running one is also
         # held by its launcher and its process's exit callback, and a dropped
         # idle one needs no close.
@@ -271,11 +272,20 @@ class Host:
                 first = True
             else:
                 first = False
+        deadline = Deadline(termination_span(timeout))
+        # A call being served (a Future callback on a server thread) must not
+        # wait for the whole close, which waits for the server's calls to
+        # end, this one included: it waits only for the checks to fail.
+        in_a_call = self._server.serves_on_this_thread()
         if first:
-            done = close_on_own_thread(self._close_all, timeout=timeout, name="cipdplugin-host-close")
+            done = close_on_own_thread(
+                self._close_all, timeout=timeout, name="cipdplugin-host-close", wait=not in_a_call
+            )
             done.add_done_callback(lambda _: closed.set_result(None))
-        else:
-            wait_for_close(closed, Deadline(termination_span(timeout)))
+        elif not in_a_call:
+            wait_for_close(closed, deadline)
+        if in_a_call:
+            wait([self._checks_failed], deadline.remaining())
 
     def _close_all(self, deadline: Deadline) -> None:
         """The close itself, on the closing thread: one deadline for everything."""
@@ -289,6 +299,7 @@ class Host:
             # First, on this thread: pending checks fail at once.
             for lifecycle in lifecycles:
                 lifecycle.end(PluginAbortedError(f"plugin {lifecycle.name!r} was closed"), PluginState.CLOSED)
+            self._checks_failed.set_result(None)
             stoppers = [
                 threading.Thread(
                     target=lifecycle.close, args=(deadline,), name="cipdplugin-stopper", daemon=True

@@ -22,7 +22,8 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent import futures
+from concurrent.futures import FIRST_COMPLETED, Future
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -55,7 +56,7 @@ OnEnded = Callable[[AdmissionError, PluginState], None]
 
 def first_of(*signals: Future[Any], timeout: float | None) -> None:
     """Wait until one of ``signals`` resolves, or ``timeout`` passes: a ``select``."""
-    wait(signals, timeout, FIRST_COMPLETED)
+    futures.wait(signals, timeout, FIRST_COMPLETED)
 
 
 #: Threads running a close now, by ident. Single set operations, atomic
@@ -64,7 +65,7 @@ _closing_threads: set[int] = set()
 
 
 def close_on_own_thread(
-    work: Callable[[Deadline], None], *, timeout: float | None, name: str
+    work: Callable[[Deadline], None], *, timeout: float | None, name: str, wait: bool = True
 ) -> Future[None]:
     """Run ``work(deadline)`` on a thread of its own and wait for it, within bounds.
 
@@ -76,7 +77,8 @@ def close_on_own_thread(
     thread that is itself closing (a Future callback of a close, closing
     again) is started and not waited for: it would wait for itself.
 
-    Returns the Future resolved when ``work`` is done.
+    Returns the Future resolved when ``work`` is done; with ``wait=False``,
+    at once.
     """
     deadline = Deadline(termination_span(timeout))
     done: Future[None] = Future()
@@ -91,7 +93,8 @@ def close_on_own_thread(
             done.set_result(None)
 
     threading.Thread(target=run, name=name, daemon=True).start()
-    wait_for_close(done, deadline)
+    if wait:
+        wait_for_close(done, deadline)
     return done
 
 
@@ -99,7 +102,7 @@ def wait_for_close(done: Future[None], deadline: Deadline) -> None:
     """Wait for a close in progress until ``deadline`` plus ``CLOSE_MARGIN``,
     unless this thread is itself closing."""
     if threading.get_ident() not in _closing_threads:
-        wait([done], deadline.remaining_or(KILL_DEADLINE) + CLOSE_MARGIN)
+        futures.wait([done], deadline.remaining_or(KILL_DEADLINE) + CLOSE_MARGIN)
 
 
 class PluginLifecycle:
@@ -145,6 +148,7 @@ class PluginLifecycle:
         self._state = PluginState.NOT_STARTED
         self._failure: AdmissionError | None = None  # why, once BROKEN or CLOSED
         self._process: PluginProcess | None = None  # once launched
+        self._launching = False  # the launcher thread was started
 
     def __repr__(self) -> str:
         return f"<PluginLifecycle {self.name!r} {self._state.value}>"
@@ -188,13 +192,16 @@ class PluginLifecycle:
             if self._state is not PluginState.NOT_STARTED:
                 return
             self._state = PluginState.STARTING
+            self._launching = True
         thread = threading.Thread(
             target=self._launch_and_await, name=f"cipdplugin-launch-{self.name}", daemon=True
         )
         try:
             thread.start()
         except BaseException as exc:
-            self.end(PluginStartError(f"cannot start plugin {self.name!r}: {exc}"))
+            error = PluginStartError(f"cannot start plugin {self.name!r}: {exc}")
+            self.launched.set_exception(error)
+            self.end(error)
             raise
 
     def connected(self, version: str) -> bool:
@@ -265,7 +272,7 @@ class PluginLifecycle:
         self.end(PluginAbortedError(f"plugin {self.name!r} was closed"), PluginState.CLOSED)
         if not self.owned_here():
             return  # the process belongs to the parent
-        if self._state is not PluginState.NOT_STARTED:
+        if self._launching:
             first_of(self.launched, timeout=deadline.remaining())
         process = self._process
         if process is not None:

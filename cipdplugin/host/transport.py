@@ -231,6 +231,11 @@ class PluginServer:
         pool = self._pool
         return pool.thread_count if pool is not None else 0
 
+    def serves_on_this_thread(self) -> bool:
+        """Whether the calling thread is one of the server's (a call being served)."""
+        pool = self._pool
+        return pool is not None and pool.runs_on_this_thread()
+
     def start(self) -> int:
         """Start the server if it has not started; return its port.
 
