@@ -73,6 +73,59 @@ SDK_PAGE_SIZE = 20
 #: always sends one).
 REPOSITORY_PAGE_SIZE = 100
 
+# -- The plugin SDK ------------------------------------------------------------
+
+#: Handlers an SDK plugin runs at once unless ``admission.run(max_workers=)``
+#: says otherwise. The Go SDK runs a goroutine per admission, so a slow
+#: repository never throttles it; a Python thread costs far more, so ours is
+#: bounded, and high enough that a deployment's burst of admissions whose
+#: handlers wait on a 100 ms repository is not throttled: 1,000 pins then
+#: have 500 handlers waiting at once, about 13 MiB of RSS (see docs/design.md).
+SDK_MAX_WORKERS = 512
+#: Per-call deadline of the SDK's ListMetadata and ResolveAdmission calls, so
+#: that a host that never answers cannot hold a handler forever. It travels
+#: with each call (gRPC deadline propagation): the host bounds its backend
+#: call by what is left of it. As long as ``PrpcRepository``'s default
+#: timeout, so a backend call that takes all of its own time still answers.
+SDK_CALL_LIMIT = 30.0
+#: ResolveAdmission calls an SDK plugin has in flight at once; more answers
+#: wait their turn. Answers are sent without waiting for them, and a flood of
+#: calls is what a host refuses: a grpcio server cancels calls beyond about
+#: 1,000 not yet taken up, for all its plugins together. 64 is far more than
+#: a plugin needs to keep up with the Go host (a few are in flight at 8,000
+#: answers a second).
+SDK_MAX_ANSWERS_IN_FLIGHT = 64
+#: The SDK retries a call the host refused for capacity (RESOURCE_EXHAUSTED,
+#: or UNAVAILABLE while the plugin is not stopping) after this delay, doubled
+#: on each refusal up to ``SDK_RETRY_MAX_DELAY`` and jittered, until the host
+#: answers, the plugin stops or the call's deadline passes: an answer
+#: (ResolveAdmission) must never be lost, and a refused ListMetadata is not a
+#: verdict.
+SDK_RETRY_FIRST_DELAY = 0.01
+SDK_RETRY_MAX_DELAY = 1.0
+#: How long the SDK keeps retrying a Log call refused for capacity before it
+#: drops the record (and counts it: the next record delivered says how many
+#: were lost). Short, so a host under load gets fewer calls, not a backlog.
+SDK_LOG_RETRY_LIMIT = 5.0
+#: Of those, how many may be *running* at once: a handler waiting on the host
+#: (in ``info.metadata()``) does not count, nor one that has run for
+#: ``PRESUMED_WAITING``. Under the GIL, more threads running Python at once
+#: only take turns, and each one more makes every admission slower: a flood
+#: of quick admissions served by 220 threads went at 0.75x a bare grpcio
+#: plugin, by 16 at 1.7x, by 4 at 2.6x. A few, not one, so that handlers
+#: whose work releases the GIL (hashing, I/O) still overlap.
+SDK_RUNNING_HANDLERS = 8
+#: A pool call running longer than this is presumed to wait on something the
+#: pool cannot see (a sleep, the handler's own network call), and stops
+#: counting as running, so a handler that blocks outside ``info.metadata()``
+#: does not hold the others back for long. Long enough that a quick call
+#: slowed by taking turns for the GIL (5 ms a turn) is not mistaken for one.
+PRESUMED_WAITING = 0.05
+#: An idle pool thread (``cipdplugin.threads``, both sides) leaves after this
+#: long without work: a burst's hundreds of threads do not outlive it by
+#: much, while the bursts of one deployment, seconds apart, reuse them.
+IDLE_THREAD_EXPIRY = 30.0
+
 # -- The server --------------------------------------------------------------
 
 #: Tickets are this many random bytes (before base64), as the Go host's.
