@@ -49,6 +49,7 @@ class _State(enum.Enum):
     IDLE = "idle"  # parked on the idle stack, or between calls
     RUNNING = "running"  # in a call, counted in ``_running``
     WAITING = "waiting"  # in a call, inside ``waiting()``
+    RETURNING = "returning"  # in a call, back from ``waiting()``, waiting for a turn
     PRESUMED_WAITING = "presumed waiting"  # in a call for longer than ``patience``
 
 
@@ -110,6 +111,7 @@ class DaemonThreads(futures.Executor):
         self._backlog: deque[_Work] = deque()  # calls no thread has taken yet
         self._idle: list[_Worker] = []  # parked threads, the last parked on top
         self._busy: set[_Worker] = set()  # threads in a call
+        self._returning: deque[_Worker] = deque()  # back from waiting(), waiting for room, in order
         self._threads: set[threading.Thread] = set()  # started and not yet left
         self._count = 0  # threads alive or asked for: what ``limit`` bounds
         self._running = 0  # workers RUNNING: with _unstarted, what ``max_running`` bounds
@@ -163,20 +165,43 @@ class DaemonThreads(futures.Executor):
         wrap waits on the network (or anything that holds no CPU), so that
         other calls run meanwhile. Outside a pool thread it does nothing."""
         worker: _Worker | None = getattr(self._local, "worker", None)
-        if worker is None or worker.state is not _State.RUNNING:
+        if worker is None:
             yield
             return
         with self._lock:
-            worker.state = _State.WAITING
-            self._running -= 1
-            woken, start_one = self._fill()
-        self._wake_and_start(woken, start_one)
+            # Not if the call is presumed waiting already (or waits, nested).
+            counted = worker.state is _State.RUNNING
+            if counted:
+                worker.state = _State.WAITING
+                self._running -= 1
+                woken, start_one = self._fill()
+        if counted:
+            self._wake_and_start(woken, start_one)
         try:
             yield
         finally:
-            with self._lock:
-                worker.state = _State.RUNNING
-                self._running += 1
+            if counted:
+                self._return(worker)
+
+    def _return(self, worker: _Worker) -> None:
+        """Back from ``waiting()``: run again when there is room; until then,
+        sleep (and hold no turn for the GIL) before the backlog's calls."""
+        with self._lock:
+            if self._running + self._unstarted < self._max_running and not self._returning:
+                self._resume(worker)
+                return
+            worker.state = _State.RETURNING
+            self._returning.append(worker)
+        # Cannot hang: room is made whenever a running call ends, begins to
+        # wait or is presumed waiting, and the first returning worker gets it
+        # (_fill); stop() resumes them all.
+        worker.wake.acquire()
+
+    def _resume(self, worker: _Worker) -> None:
+        """``worker``'s call runs again (the lock held)."""
+        worker.state = _State.RUNNING
+        worker.started = time.monotonic()  # patience counts from here
+        self._running += 1
 
     def _dispatch(self, work: _Work) -> None:
         with self._lock:
@@ -188,19 +213,28 @@ class DaemonThreads(futures.Executor):
                 self._start_monitor()
         self._wake_and_start(woken, start_one)
 
-    def _fill(self) -> tuple[list[_Worker], bool]:
-        """Hand backlog calls to idle threads and ask for new ones, within the
-        bounds (the lock held). Returns the workers to wake, and whether the
-        caller must start a thread (see ``_ask_for_thread``)."""
+    def _fill(self, *, start_threads: bool = True) -> tuple[list[_Worker], bool]:
+        """Give the room there is to the workers returning from a wait, then
+        hand backlog calls to idle threads and (if ``start_threads``) ask for
+        new ones (the lock held). Returns the workers to wake, and whether
+        the caller must start a thread (see ``_ask_for_thread``)."""
         woken: list[_Worker] = []
         start_one = False
-        while len(self._backlog) > self._unstarted and self._running + self._unstarted < self._max_running:
+        while self._returning and self._running + self._unstarted < self._max_running:
+            worker = self._returning.popleft()
+            self._resume(worker)
+            woken.append(worker)
+        while (
+            not self._returning
+            and len(self._backlog) > self._unstarted
+            and self._running + self._unstarted < self._max_running
+        ):
             if self._idle:
                 worker = self._idle.pop()
                 worker.work = self._backlog.popleft()
                 self._begin(worker)
                 woken.append(worker)
-            elif self._count < self._limit:
+            elif start_threads and self._count < self._limit:
                 start_one = self._ask_for_thread() or start_one
             else:
                 break
@@ -274,6 +308,10 @@ class DaemonThreads(futures.Executor):
                     stranded: list[_Work] = []
                     if self._count == 0:
                         stranded, self._backlog = list(self._backlog), deque()
+                    # The room they held goes to the threads there are.
+                    woken, _ = self._fill(start_threads=False)
+                for other in woken:
+                    other.wake.release()
                 error = RuntimeError(f"cannot start a {self._name} thread")
                 for future, *_ in stranded:
                     if future is not None and future.set_running_or_notify_cancel():
@@ -320,12 +358,16 @@ class DaemonThreads(futures.Executor):
             parked, self._idle = self._idle, []
             for worker in parked:
                 worker.leave = True
+            # Their calls finish, whatever the bound: the pool is going away.
+            returning, self._returning = list(self._returning), deque()
+            for worker in returning:
+                self._resume(worker)
             threads = list(self._threads)
             cancelled: list[_Work] = []
             if cancel_futures:
                 cancelled, self._backlog = list(self._backlog), deque()
             self._monitor_wakeup.notify_all()
-        for worker in parked:
+        for worker in parked + returning:
             worker.wake.release()
         for future, *_ in cancelled:
             if future is not None:
@@ -345,28 +387,41 @@ class DaemonThreads(futures.Executor):
         self._local.worker = worker
         with self._lock:
             self._unstarted -= 1
-            work = self._next_call(worker)
-        while work is not _LEFT:
+            work, returning = self._next_call(worker)
+        while True:
+            for other in returning:
+                other.wake.release()
+            if work is _LEFT:
+                return
             if work is None:
-                work = self._wait_for_work(worker)
+                work, returning = self._wait_for_work(worker), []
                 continue
             self._call(work)  # type: ignore[arg-type]
             with self._lock:
                 self._end_call(worker)
-                work = self._next_call(worker)
+                work, returning = self._next_call(worker)
 
-    def _next_call(self, worker: _Worker) -> _Work | object | None:
-        """The backlog's next call for ``worker`` if the bounds allow; else
-        None, with the worker parked on the idle stack, or ``_LEFT`` if the
-        pool is stopped and the thread has left it (the lock held)."""
-        if self._backlog and self._running + self._unstarted < self._max_running:
+    def _next_call(self, worker: _Worker) -> tuple[_Work | object | None, list[_Worker]]:
+        """What ``worker`` does next, in the room there is (the lock held).
+
+        The workers returning from a wait have the room first; they are
+        returned, to be woken. Then ``worker`` takes the backlog's next call;
+        or, with no room or no call, parks on the idle stack (None), or
+        leaves the stopped pool (``_LEFT``).
+        """
+        returning: list[_Worker] = []
+        while self._returning and self._running + self._unstarted < self._max_running:
+            other = self._returning.popleft()
+            self._resume(other)
+            returning.append(other)
+        if not self._returning and self._backlog and self._running + self._unstarted < self._max_running:
             self._begin(worker)
-            return self._backlog.popleft()
+            return self._backlog.popleft(), returning
         if self._stopped:
             self._leave()
-            return _LEFT
+            return _LEFT, returning
         self._idle.append(worker)
-        return None
+        return None, returning
 
     def _end_call(self, worker: _Worker) -> None:
         """``worker``'s call is over (the lock held)."""

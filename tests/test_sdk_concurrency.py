@@ -146,7 +146,7 @@ class RefusingHost:
     ``hold_metadata`` makes every ListMetadata wait until it is set.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 400) -> None:
         self.admissions: queue.Queue[plugin_pb2.Admission | None] = queue.Queue()
         # Guards the fields below.
         self.lock = threading.Lock()
@@ -158,7 +158,7 @@ class RefusingHost:
         self.metadata_calls = 0
         self.hold_metadata = threading.Event()
         # A thread for every ListMetadata a test holds, and some.
-        self.executor = futures.ThreadPoolExecutor(400)
+        self.executor = futures.ThreadPoolExecutor(threads)
         self.server = grpc.server(self.executor, options=[("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers(
             [
@@ -527,7 +527,8 @@ def test_calls_running_past_patience_are_presumed_waiting(pools: Any) -> None:
 
 
 def test_a_burst_of_waiting_calls_all_run_and_the_threads_stay_bounded(pools: Any) -> None:
-    pool = pools(200, max_running=4, patience=60)
+    # Threads never expire here: a call stranded in the backlog would wait forever.
+    pool = pools(200, max_running=4, patience=60, idle_expiry=600)
     done = threading.Semaphore(0)
     peak_threads = 0
 
@@ -543,6 +544,36 @@ def test_a_burst_of_waiting_calls_all_run_and_the_threads_stay_bounded(pools: An
         for _ in range(1000):
             assert done.acquire(timeout=30)
     assert peak_threads <= 200
+
+
+def test_a_storm_of_mixed_calls_leaves_the_pool_whole(pools: Any) -> None:
+    # Quick calls, calls that wait (nested too), calls that block unseen past
+    # patience: all finish, and afterwards the pool runs max_running at once
+    # again (its counts of running and starting threads are back to zero).
+    pool = pools(64, max_running=3, patience=0.02, idle_expiry=600)
+    done = threading.Semaphore(0)
+
+    def call(kind: int) -> None:
+        if kind == 1:
+            with pool.waiting():
+                time.sleep(0.005)
+        elif kind == 2:
+            time.sleep(0.03)  # presumed waiting
+        elif kind == 3:
+            with pool.waiting(), pool.waiting():
+                time.sleep(0.002)
+            time.sleep(0.001)
+        done.release()
+
+    for n in range(800):
+        pool.run_soon(call, n % 4)
+    for _ in range(800):
+        assert done.acquire(timeout=60)
+    gate = Gate(pool)
+    for _ in range(3):
+        pool.run_soon(gate.hold)
+    assert wait_until(lambda: gate.active == 3)
+    gate.release.set()
 
 
 def test_idle_threads_expire_and_the_pool_starts_new_ones(pools: Any) -> None:
