@@ -20,9 +20,15 @@ serving.
 Up to ``max_workers`` handlers run at once (``SDK_MAX_WORKERS`` by
 default), so that handlers waiting on a slow repository do not hold up the
 others; threads are started as admissions arrive and leave after
-``IDLE_THREAD_EXPIRY`` seconds idle. Answers are sent without waiting for
-the host to take them, and an answer the host refuses for capacity is sent
-again until it is taken (or the plugin stops).
+``IDLE_THREAD_EXPIRY`` seconds idle. Of those handlers, a few
+(``SDK_RUNNING_HANDLERS``) run Python at once: a handler waiting in
+``info.metadata()`` does not count, nor one that has run for longer than
+``PRESUMED_WAITING`` (it is presumed to wait on something of its own). More
+would only take turns for the GIL, and slow every admission down.
+
+Answers are sent without waiting for the host to take them, and an answer
+the host refuses for capacity is sent again until it is taken (or the
+plugin stops); so is a metadata page, within its deadline.
 """
 
 from __future__ import annotations
