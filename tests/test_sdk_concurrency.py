@@ -206,6 +206,8 @@ class RefusingHost:
         self, request: plugin_pb2.ListAdmissionsRequest, context: grpc.ServicerContext
     ) -> Iterator[plugin_pb2.Admission]:
         self._check_ticket(context)
+        if request.protocol_version != 1:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unsupported protocol version")
         while context.is_active():
             try:
                 admission = self.admissions.get(timeout=0.1)
@@ -345,6 +347,13 @@ def test_log_records_refused_for_capacity_are_sent_again_in_order(
     with refusing_host.lock:
         assert refusing_host.logs == lines
         assert refusing_host.refuse_log == []
+
+
+def test_a_refused_protocol_version_still_exits_3(refusing_host: RefusingHost, start_plugin: Any) -> None:
+    # The stream is read on the thread that iterates it: its refusal still
+    # reaches the plugin as the host's answer, not as a stop.
+    plugin = start_plugin("wrong-version")
+    assert plugin.wait(30) == 3
 
 
 @pytest.mark.parametrize("stuck_in", ["user code", "a host call"])
