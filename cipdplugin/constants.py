@@ -117,6 +117,62 @@ SDK_PAGE_SIZE = 20
 #: always sends one).
 REPOSITORY_PAGE_SIZE = 100
 
+# -- The plugin SDK ------------------------------------------------------------
+
+#: Handlers an SDK plugin runs at once unless ``admission.run(max_workers=)``
+#: says otherwise. The Go SDK runs a goroutine per admission, so a slow
+#: repository never throttles it; a Python thread costs more, so ours is
+#: bounded, but high enough not to be what limits a plugin: at 100 ms per
+#: ListMetadata, 512 handlers can answer 5,000 admissions a second, more than
+#: the CPU of a plugin that reads metadata allows (about 2,000 on 2 cores).
+#: A thread waiting in a call costs about 56 KiB of RSS: 1,000 admissions in
+#: flight make 524 threads and 67 MiB of RSS, against 13 threads and 39 MiB
+#: idle (measured with handlers waiting on ListMetadata).
+SDK_MAX_WORKERS = 512
+#: Of those, how many may be *running* at once: a handler waiting on the host
+#: (in ``info.metadata()``) does not count, nor one running for longer than
+#: ``PRESUMED_WAITING``. Under the GIL, more threads running Python at once
+#: only take turns, and each one more makes every admission slower: a flood
+#: of quick admissions under the Go host, served by 220 threads, went at
+#: 0.75x a bare grpcio plugin; by 16, 1.7x; by 4, 2.6x. A few, not one, so
+#: that handlers whose work releases the GIL (hashing, I/O) still overlap.
+SDK_RUNNING_HANDLERS = 8
+#: A pool call running longer than this is presumed to wait on something the
+#: pool cannot see (a sleep, the handler's own network call) and stops
+#: counting as running, so a handler that blocks outside ``info.metadata()``
+#: does not hold the others back for long. Long enough that a quick call
+#: slowed by taking turns for the GIL (5 ms a turn) is not mistaken for one.
+PRESUMED_WAITING = 0.05
+#: An idle pool thread (``cipdplugin.threads``, both sides) leaves after this
+#: long without work: a burst's hundreds of threads do not outlive it by
+#: much, while the bursts of one deployment, seconds apart, reuse them.
+IDLE_THREAD_EXPIRY = 30.0
+#: Per-call deadline of the SDK's ListMetadata and ResolveAdmission calls, so
+#: that a host that never answers cannot hold a handler forever. It travels
+#: with each call (gRPC deadline propagation): the host bounds its backend
+#: call by what is left of it. As long as ``PrpcRepository``'s default
+#: timeout, so a backend call that takes all of its own time still answers.
+SDK_CALL_LIMIT = 30.0
+#: ResolveAdmission calls an SDK plugin has in flight at once; more answers
+#: wait their turn. Answers are sent without waiting for them, and a flood of
+#: calls is what a host refuses: a grpcio server cancels the calls beyond
+#: about 1,000 it has not taken up yet, for all its plugins together. Under
+#: the Go host, 64 went faster than 16 (fewer calls in flight hold answers
+#: back) and than 256 (more contend for the channel).
+SDK_MAX_ANSWERS_IN_FLIGHT = 64
+#: The SDK sends again a call the host refused for capacity after this delay,
+#: doubled on each refusal up to ``SDK_RETRY_MAX_DELAY`` and jittered: an
+#: answer (ResolveAdmission) until the host takes it, the plugin stops or
+#: ``SDK_CALL_LIMIT`` has passed (an answer must not be lost); a ListMetadata
+#: page within its own deadline (a refusal is not the repository's answer).
+SDK_RETRY_FIRST_DELAY = 0.01
+SDK_RETRY_MAX_DELAY = 1.0
+#: How long the SDK keeps sending again a Log record refused for capacity
+#: before it drops it (and counts it: the next record delivered says how many
+#: were lost). Records go out one at a time, so this also bounds how long one
+#: record can hold back those queued behind it.
+SDK_LOG_RETRY_LIMIT = 5.0
+
 # -- The server --------------------------------------------------------------
 
 #: Tickets are this many random bytes (before base64), as the Go host's:

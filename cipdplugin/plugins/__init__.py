@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -32,6 +32,9 @@ from cipdplugin.protocol import TICKET_METADATA_KEY
 MAX_HANDSHAKE_BYTES = 64 * 1024
 
 RunLoop = Callable[[grpc.Channel, threading.Event], "int | None"]
+#: Call metadata: (key, value) pairs, as grpc takes them.
+CallMetadata = tuple[tuple[str, str], ...]
+ConnectedRunLoop = Callable[["Connection", threading.Event], "int | None"]
 
 
 class HandshakeError(ValueError):
@@ -108,13 +111,11 @@ class _TicketInterceptor(
 ):
     """Adds the plugin's ticket to the metadata of every call."""
 
-    def __init__(self, ticket: str) -> None:
-        self._ticket = ticket
+    def __init__(self, metadata: CallMetadata) -> None:
+        self._metadata = metadata
 
     def _with_ticket(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        metadata.append((TICKET_METADATA_KEY, self._ticket))
-        return details._replace(metadata=metadata)
+        return details._replace(metadata=[*(details.metadata or ()), *self._metadata])
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(self._with_ticket(details), request)
@@ -129,14 +130,43 @@ class _TicketInterceptor(
         return continuation(self._with_ticket(details), requests)
 
 
+@dataclass(frozen=True)
+class Connection:
+    """A plugin's connection to its host, for plugin kinds built on ``serve``.
+
+    ``channel`` adds nothing to the calls made on it: each call passes
+    ``metadata`` (the ticket) itself, which costs less per call than an
+    interceptor. Closing the channel ends every call.
+    """
+
+    channel: grpc.Channel
+    metadata: CallMetadata
+
+    def ticketed_channel(self) -> grpc.Channel:
+        """The same channel, adding the ticket to every call (what ``run`` hands over)."""
+        return grpc.intercept_channel(self.channel, _TicketInterceptor(self.metadata))
+
+
+def ticket_metadata(handshake: Handshake) -> CallMetadata:
+    """The metadata every call to the host must carry: the plugin's ticket."""
+    return ((TICKET_METADATA_KEY, handshake.ticket),)
+
+
+def open_channel(handshake: Handshake, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to the host, without the ticket (see ``Connection``)."""
+    # Never through a proxy: the host is on loopback.
+    return grpc.insecure_channel(
+        f"127.0.0.1:{handshake.port}", options=[("grpc.enable_http_proxy", 0), *options]
+    )
+
+
 def connect(handshake: Handshake) -> tuple[grpc.Channel, grpc.Channel]:
     """Open a channel to the host; return (the ticketed channel, the raw one).
 
     Close the raw one to end every call.
     """
-    # Never through a proxy: the host is on loopback.
-    raw = grpc.insecure_channel(f"127.0.0.1:{handshake.port}", options=[("grpc.enable_http_proxy", 0)])
-    return grpc.intercept_channel(raw, _TicketInterceptor(handshake.ticket)), raw
+    connection = Connection(open_channel(handshake), ticket_metadata(handshake))
+    return connection.ticketed_channel(), connection.channel
 
 
 def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
@@ -152,6 +182,21 @@ def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
     Returns the exit code: ``run_loop``'s result (None means 0), 1 if it
     raised, 2 for a bad handshake.
     """
+
+    def connected_loop(connection: Connection, stopping: threading.Event) -> int | None:
+        return run_loop(connection.ticketed_channel(), stopping)
+
+    return serve(connected_loop, stdin=stdin)
+
+
+def serve(
+    run_loop: ConnectedRunLoop,
+    *,
+    stdin: BinaryIO | None = None,
+    channel_options: Sequence[tuple[str, Any]] = (),
+) -> int:
+    """``run``, for plugin kinds that pass the ticket themselves: ``run_loop``
+    gets the ``Connection`` (the channel opened with ``channel_options``)."""
     stdin = stdin if stdin is not None else sys.stdin.buffer
     program = os.path.basename(sys.argv[0]) or "plugin"
     try:
@@ -160,7 +205,7 @@ def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
         print(f"{program}: {exc}", file=sys.stderr)
         return 2
 
-    channel, raw_channel = connect(handshake)
+    connection = Connection(open_channel(handshake, channel_options), ticket_metadata(handshake))
     stopping = threading.Event()
     finished = threading.Event()
     outcome: list[int] = []
@@ -177,7 +222,7 @@ def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
 
     def loop() -> None:
         try:
-            code = run_loop(channel, stopping)
+            code = run_loop(connection, stopping)
             outcome.append(0 if code is None else code)
         except Exception:
             logging.getLogger(__name__).error("the plugin's run loop failed:\n%s", traceback.format_exc())
@@ -186,7 +231,7 @@ def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
         finally:
             finished.set()
 
-    log_handler = HostLogHandler(channel)
+    log_handler = HostLogHandler(connection.channel, metadata=connection.metadata)
     log_handler.install()
     # Both threads are daemons: a handler stuck in user code must not keep
     # the process alive once the host has said stop.
@@ -203,8 +248,20 @@ def run(run_loop: RunLoop, *, stdin: BinaryIO | None = None) -> int:
             loop_thread.join(stop_deadline.remaining())
     finally:
         log_handler.uninstall(timeout=stop_deadline.remaining_or(SDK_STOP_GRACE))
-        raw_channel.close()
+        connection.channel.close()
     return outcome[0] if outcome else 0
 
 
-__all__ = ["Handshake", "HandshakeError", "connect", "parse_handshake", "read_handshake", "run"]
+__all__ = [
+    "CallMetadata",
+    "Connection",
+    "Handshake",
+    "HandshakeError",
+    "connect",
+    "open_channel",
+    "parse_handshake",
+    "read_handshake",
+    "run",
+    "serve",
+    "ticket_metadata",
+]

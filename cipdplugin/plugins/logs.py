@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import logging
+import sys
 import threading
 from collections import deque
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
+from cipdplugin.constants import SDK_LOG_RETRY_LIMIT
 from cipdplugin.deadline import Deadline
+from cipdplugin.plugins.retry import retry_delay
 from cipdplugin.protocol import HOST_LOG, plugin_pb2
+from cipdplugin.status import rpc_error_parts
 
 #: Records waiting to be sent; beyond this, new records are dropped (and counted).
 MAX_QUEUED_RECORDS = 10_000
@@ -34,25 +38,41 @@ class HostLogHandler(logging.Handler):
     """A ``logging.Handler`` that sends records to the host, in order, from one thread.
 
     ``emit`` never blocks on the network: records queue (up to
-    ``MAX_QUEUED_RECORDS``; a flood drops the excess, and says how many were
-    dropped) and a sender thread delivers them.
+    ``MAX_QUEUED_RECORDS``) and a sender thread delivers them. A call the
+    host refuses for capacity (RESOURCE_EXHAUSTED) is retried with backoff
+    for up to ``SDK_LOG_RETRY_LIMIT`` seconds. Records lost all the same (a
+    flood beyond the queue, a refusal that lasts) are counted in
+    ``dropped``, and the next record delivered is preceded by a warning
+    saying how many; what is still untold when the handler is uninstalled
+    goes to stderr, which the host logs too.
+
+    ``metadata`` is added to every call (the ticket, on a channel that does
+    not add it itself).
     """
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__()
         self._log = channel.unary_unary(
             HOST_LOG,
             request_serializer=plugin_pb2.LogRequest.SerializeToString,
             response_deserializer=Empty.FromString,
         )
+        self._metadata = metadata
         # Guards the fields below.
         self._cond = threading.Condition()
         self._records: deque[plugin_pb2.LogRequest] = deque()
-        self._dropped = 0  # records lost to a full queue since the last report
+        self._untold = 0  # records lost and not yet reported to the host
+        self._dropped = 0  # records lost in all
         self._busy = False  # the sender is delivering a record
         self._stopping = False
         self._sender = threading.Thread(target=self._send_loop, name="cipdplugin-log-sender", daemon=True)
         self._previous_root_level: int | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Records that never reached the host (and were counted as lost)."""
+        with self._cond:
+            return self._dropped
 
     def install(self) -> None:
         """Attach to the root logger and start sending.
@@ -78,9 +98,15 @@ class HostLogHandler(logging.Handler):
             while (self._records or self._busy) and self._cond.wait(deadline.remaining()):
                 pass
             self._stopping = True
+            self._lose(len(self._records))
             self._records.clear()
             self._cond.notify_all()
         self._sender.join(deadline.remaining())
+        with self._cond:
+            untold, self._untold = self._untold, 0
+        if untold:
+            # The host logs the plugin's stderr: the last place left to say it.
+            print(f"{untold} log records could not be sent to the host", file=sys.stderr)
 
     def emit(self, record: logging.LogRecord) -> None:
         if threading.current_thread() is self._sender:
@@ -97,10 +123,15 @@ class HostLogHandler(logging.Handler):
             if self._stopping:
                 return
             if len(self._records) >= MAX_QUEUED_RECORDS:
-                self._dropped += 1
+                self._lose(1)
                 return
             self._records.append(request)
             self._cond.notify_all()
+
+    def _lose(self, count: int) -> None:
+        """Count ``count`` records as lost (the lock held)."""
+        self._dropped += count
+        self._untold += count
 
     def _send_loop(self) -> None:
         while True:
@@ -111,18 +142,34 @@ class HostLogHandler(logging.Handler):
                 if self._stopping:
                     return
                 request = self._records.popleft()
-                dropped, self._dropped = self._dropped, 0
+                untold, self._untold = self._untold, 0
                 self._busy = True
-            if dropped:
-                self._send(
-                    plugin_pb2.LogRequest(severity="warning", message=f"{dropped} log records were dropped")
-                )
-            self._send(request)
+            if untold and not self._send(
+                plugin_pb2.LogRequest(severity="warning", message=f"{untold} log records were dropped")
+            ):
+                with self._cond:
+                    self._untold += untold  # still untold; not lost twice
+            if not self._send(request):
+                with self._cond:
+                    self._lose(1)
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
 
-    def _send(self, request: plugin_pb2.LogRequest) -> None:
-        # An error means the host is gone or closing: nobody to tell.
-        with contextlib.suppress(grpc.RpcError):
-            self._log(request, timeout=_LOG_RPC_TIMEOUT)
+    def _send(self, request: plugin_pb2.LogRequest) -> bool:
+        """Deliver one record; False if it could not be."""
+        deadline = Deadline(SDK_LOG_RETRY_LIMIT)
+        for attempt in itertools.count():
+            try:
+                self._log(request, timeout=_LOG_RPC_TIMEOUT, metadata=self._metadata)
+                return True
+            except grpc.RpcError as exc:
+                # Any other error means the host is gone or closing: nobody to tell.
+                if rpc_error_parts(exc)[0] is not grpc.StatusCode.RESOURCE_EXHAUSTED or deadline.expired():
+                    return False
+            with self._cond:
+                # Woken early by uninstall(), which gives up on what is left.
+                self._cond.wait(deadline.remaining_or(retry_delay(attempt)))
+                if self._stopping:
+                    return False
+        raise AssertionError("unreachable: the attempts never run out")

@@ -40,6 +40,11 @@ Usage: admission_plugin.py MODE [ARG...]. Modes:
 * ``say JSON_STRING``: for each check, writes the string (a JSON string, so
   that it may hold any character) to stderr, logs it at ERROR through the
   host, and denies with it as the message.
+* ``workers N``: reads every metadata entry of the instance, then admits;
+  at most N handlers at once (``max_workers=N``).
+* ``allowed-sha256 [N]``: what luci's example plugin does: denies packages
+  under ``experimental/``, else admits if an ``allowed-sha256`` entry holds
+  the instance's hex digest; with N, ``max_workers=N``.
 
 The modes with a PID_FILE write the pid of the process that is left behind
 to it (atomically, so a test can poll for the file).
@@ -120,6 +125,10 @@ def main(argv: list[str]) -> int:
             print(f"flood line {i}", file=sys.stderr)
         sys.stderr.flush()
 
+    max_workers = admission.DEFAULT_MAX_WORKERS
+    if mode == "workers" or (mode == "allowed-sha256" and args):
+        max_workers = int(args[0])
+
     def handler(request: admission.Request, info: admission.InstanceInfo) -> None:
         n = _count()
         if mode in {"admit", "wrong-version"}:
@@ -179,12 +188,21 @@ def main(argv: list[str]) -> int:
         elif mode == "flood":
             for i in range(int(args[0]) if args else 1000):
                 logging.getLogger("flood").warning("flood record %d", i)
+        elif mode == "workers":
+            for _ in info.metadata():
+                pass
+        elif mode == "allowed-sha256":
+            if request.package.startswith("experimental/"):
+                raise admission.Denied("experimental packages are not allowed")
+            digest = request.instance.hex_digest.encode()
+            if not any(md.value == digest for md in info.metadata(keys=["allowed-sha256"])):
+                raise admission.Denied('no "allowed-sha256" entry holds the instance\'s digest')
         else:
             raise admission.Error(f"unknown mode {mode}", code=grpc.StatusCode.INVALID_ARGUMENT)
 
     if mode == "log":
         logging.getLogger().setLevel(logging.DEBUG)
-    return admission.run(handler, version="test-plugin 1.0")
+    return admission.run(handler, version="test-plugin 1.0", max_workers=max_workers)
 
 
 def _admit_by_name(request: admission.Request) -> None:
