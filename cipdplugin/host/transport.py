@@ -7,7 +7,7 @@ routing of calls to the services of the plugin's kind.
   it makes the server. A launched plugin's session names the servant of each
   service its kind offers; a call to a service the kind does not offer is
   UNIMPLEMENTED, as in the Go host's routers. This module imports no kind.
-* A server interceptor (``_TicketGate``) runs on gRPC's polling thread
+* The server's one handler (``_TicketGate``) runs on gRPC's polling thread
   before a call may take a server thread. A call without a ticket is
   UNAUTHENTICATED, one with an unknown ticket PERMISSION_DENIED, and a call
   beyond its plugin's budget RESOURCE_EXHAUSTED, each from a handler that
@@ -104,13 +104,15 @@ class PluginSession:
     )
 
 
-class _TicketGate(grpc.ServerInterceptor):  # type: ignore[type-arg]
+class _TicketGate(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Finds each call's plugin by its ticket and charges the call to that
     plugin's budget, before the call may take a server thread for longer
-    than it takes to refuse it. Runs on gRPC's polling thread."""
+    than it takes to refuse it. The server's one handler: grpcio asks it
+    for every call, on its polling thread."""
 
-    def __init__(self, sessions: Mapping[str, PluginSession]) -> None:
+    def __init__(self, sessions: Mapping[str, PluginSession], services: Sequence[Service]) -> None:
         self._sessions = sessions
+        self._methods = frozenset(f"/{s.name}/{m.name}" for s in services for m in s.methods)
         self._missing = refusal_handler(
             grpc.StatusCode.UNAUTHENTICATED, f"missing {TICKET_METADATA_KEY} metadata"
         )
@@ -123,11 +125,7 @@ class _TicketGate(grpc.ServerInterceptor):  # type: ignore[type-arg]
             f"this plugin has {PLUGIN_CALL_BUDGET} calls open already; retry when some have ended",
         )
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         ticket = None
         for key, value in details.invocation_metadata or ():
             if key == TICKET_METADATA_KEY:
@@ -138,9 +136,11 @@ class _TicketGate(grpc.ServerInterceptor):  # type: ignore[type-arg]
         session = self._sessions.get(ticket)
         if session is None:
             return self._unknown
-        entry = session.handlers.get(details.method)
+        path = details.method
+        entry = session.handlers.get(path)
         if entry is None:
-            return self._not_offered if continuation(details) is not None else None
+            # A method of another kind's service, or none at all ("Method not found").
+            return self._not_offered if path in self._methods else None
         handler, method, servant = entry
         with session.lock:
             if method.reserved is None:
@@ -148,7 +148,6 @@ class _TicketGate(grpc.ServerInterceptor):  # type: ignore[type-arg]
                     return self._exhausted
                 session.open_calls += 1
             else:
-                path = details.method
                 open_now = session.open_reserved.get(path, 0)
                 if open_now >= method.reserved(servant):
                     return self._exhausted
@@ -183,18 +182,6 @@ def _bound_handler(
     return method_handler(
         serve, method.request_type, method.response_type, streaming=method.streaming, on_end=release
     )
-
-
-def _generic_handlers(services: Sequence[Service]) -> list[grpc.GenericRpcHandler[Any, Any]]:
-    """Handlers that only tell the gate a method exists: every call the gate
-    lets through gets its plugin's bound handler instead."""
-    unreachable = refusal_handler(grpc.StatusCode.INTERNAL, "a call reached the server without its plugin")
-    return [
-        grpc.method_handlers_generic_handler(
-            service.name, {method.name: unreachable for method in service.methods}
-        )
-        for service in services
-    ]
 
 
 class PluginServer:
@@ -258,8 +245,7 @@ class PluginServer:
         # so_reuseport=0: no other process may bind our port beside us.
         server = grpc.server(
             threads,  # type: ignore[arg-type]
-            handlers=_generic_handlers(self._services),
-            interceptors=[_TicketGate(self._sessions)],
+            handlers=[_TicketGate(self._sessions, self._services)],
             options=[("grpc.so_reuseport", 0)],
         )
         try:
