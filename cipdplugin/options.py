@@ -47,16 +47,15 @@ before it is read, so that loading never hangs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import reprlib
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import text_format
 
+from cipdplugin.cmdline import CommandLineError, checked_cmdline, parse_cmdline
 from cipdplugin.config import DEFAULT_SERVICE_URL
 from cipdplugin.constants import MAX_CONFIG_FILE_BYTES
 from cipdplugin.files import UnusableFile, read_regular_file
@@ -215,47 +214,19 @@ def proxy_socket_path(proxy_url: str, source: str) -> str:
 
 
 def _explicit_plugin(command: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(command, (str, bytes)) or not all(isinstance(item, str) for item in command):
-        raise ConfigError(f"admission_plugin must be a sequence of strings, got {command!r}")
-    if command and not command[0]:
-        raise ConfigError("admission_plugin: the executable (item 0) must not be empty")
-    return tuple(command)
+    try:
+        return checked_cmdline(command, source="admission_plugin", allow_empty=True)
+    except CommandLineError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _plugin_from_env(text: str) -> tuple[str, ...]:
     if not text:
         return ()
-    example = 'e.g. \'["/path/to/plugin", "--flag"]\''
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"${ADMISSION_PLUGIN_ENV} is not valid JSON ({exc}); expected a list of strings, {example}"
-        ) from None
-    except RecursionError:
-        raise ConfigError(
-            f"${ADMISSION_PLUGIN_ENV} is nested too deeply; expected a list of strings, {example}"
-        ) from None
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ConfigError(
-            f"${ADMISSION_PLUGIN_ENV} must be a JSON list of strings, got {type(value).__name__}; {example}"
-        )
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            # reprlib: an item may be nested too deeply for repr() itself.
-            raise ConfigError(
-                f"${ADMISSION_PLUGIN_ENV}: item {index} must be a string, got {reprlib.repr(item)}"
-            )
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError(f"${ADMISSION_PLUGIN_ENV}: item {index} is not valid Unicode text") from None
-    if value and not value[0]:
-        # The Go client would fail to start it; nothing can be run by that name.
-        raise ConfigError(f"${ADMISSION_PLUGIN_ENV}: the executable (item 0) must not be empty, in {text!r}")
-    return tuple(value)
+        return parse_cmdline(text, source=f"${ADMISSION_PLUGIN_ENV}", allow_empty=True)
+    except CommandLineError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _config_path(from_env: str, default: str) -> tuple[str | None, bool]:

@@ -99,14 +99,14 @@ def test_empty_plugin_values_count_as_unset(value: str, default_file: Path) -> N
         ("[oops", "$CIPD_ADMISSION_PLUGIN is not valid JSON"),
         ("/bin/plugin", "$CIPD_ADMISSION_PLUGIN is not valid JSON"),
         ('["a"] x', "$CIPD_ADMISSION_PLUGIN is not valid JSON"),
-        ('{"cmd": "a"}', "$CIPD_ADMISSION_PLUGIN must be a JSON list of strings, got dict"),
-        ('"/bin/plugin"', "$CIPD_ADMISSION_PLUGIN must be a JSON list of strings, got str"),
-        ("3", "$CIPD_ADMISSION_PLUGIN must be a JSON list of strings, got int"),
-        ('["/bin/plugin", 3]', "$CIPD_ADMISSION_PLUGIN: item 1 must be a string, got 3"),
+        ('{"cmd": "a"}', "$CIPD_ADMISSION_PLUGIN must be a JSON list of strings, got an object"),
+        ('"/bin/plugin"', "$CIPD_ADMISSION_PLUGIN must be a JSON list of strings, got a string"),
+        ("3", "$CIPD_ADMISSION_PLUGIN must be a JSON list of strings, got a number"),
+        ('["/bin/plugin", 3]', "$CIPD_ADMISSION_PLUGIN: item 1 must be a string, got a number 3"),
         ("[null]", "$CIPD_ADMISSION_PLUGIN: item 0 must be a string"),
         ('["\\ud800"]', "$CIPD_ADMISSION_PLUGIN: item 0 is not valid Unicode text"),
         ("[" * 50_000 + "]" * 50_000, "$CIPD_ADMISSION_PLUGIN is nested too deeply"),
-        ("[" * 400 + "]" * 400, "$CIPD_ADMISSION_PLUGIN: item 0 must be a string, got [[[["),
+        ("[" * 400 + "]" * 400, "$CIPD_ADMISSION_PLUGIN: item 0 must be a string, got a list [[[["),
     ],
 )
 def test_invalid_plugin_variable(value: str, expected: str) -> None:
@@ -125,8 +125,8 @@ def test_explicit_plugin_wins_over_environment_and_file(default_file: Path) -> N
 
 
 def test_explicit_plugin_must_be_strings() -> None:
-    assert "admission_plugin must be a sequence of strings" in error({}, admission_plugin="/bin/plugin")
-    assert "admission_plugin must be a sequence of strings" in error({}, admission_plugin=["/bin/p", 1])
+    assert "admission_plugin must be a list of strings" in error({}, admission_plugin="/bin/plugin")
+    assert "admission_plugin: item 1 must be a string" in error({}, admission_plugin=["/bin/p", 1])
 
 
 # -- CIPD_SERVICE_URL ------------------------------------------------------------------

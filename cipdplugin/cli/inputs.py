@@ -4,7 +4,6 @@ pins (arguments and ``cipd ensure -json-output`` files) and the metadata."""
 from __future__ import annotations
 
 import json
-import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
@@ -16,6 +15,7 @@ from cipdplugin import (
     RepositoryFileError,
     StaticRepository,
 )
+from cipdplugin.cmdline import CommandLineError, parse_cmdline
 from cipdplugin.constants import MAX_PINS_FILE_BYTES
 from cipdplugin.files import UnusableFile, describe_size, read_regular_file
 from cipdplugin.host.chain import checked_scope
@@ -52,28 +52,10 @@ def parse_plugin_cmdline(text: str, source: str) -> list[str]:
         UsageError: ``text`` is not JSON, not a list, empty, or holds a
             non-string or an empty executable; ``source`` names where it came from.
     """
-    example = 'e.g. \'["/path/to/plugin", "--flag"]\''
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"{source} is not valid JSON ({exc}); expected a list of strings, {example}"
-        ) from None
-    except RecursionError:
-        raise UsageError(f"{source} is nested too deeply; expected a list of strings, {example}") from None
-    if not isinstance(value, list):
-        raise UsageError(f"{source} must be a JSON list of strings, got {_json_type(value)}; {example}")
-    if not value:
-        raise UsageError(f"{source} is an empty list; it must name at least the plugin executable")
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            # reprlib: an item may be nested too deeply for repr() itself.
-            raise UsageError(
-                f"{source}: item {index} must be a string, got {_json_type(item)} {reprlib.repr(item)}"
-            )
-    if not value[0]:
-        raise UsageError(f"{source}: the executable (item 0) must not be empty")
-    return value
+        return list(parse_cmdline(text, source=source))
+    except CommandLineError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @dataclass(frozen=True)

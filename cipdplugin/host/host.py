@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, wait
 from typing import Protocol
 
+from cipdplugin.cmdline import checked_cmdline
 from cipdplugin.config import Config
 from cipdplugin.constants import CLOSE_MARGIN, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING
 from cipdplugin.deadline import Deadline
@@ -174,7 +175,7 @@ class Host:
                 number, or ``max_pending`` is not an int.
             RuntimeError: the host is closed, or belongs to a parent process.
         """
-        cmdline = checked_cmdline(cmdline)
+        cmdline = list(checked_cmdline(cmdline))
         self._check_owner()
         plugin = AdmissionPlugin(
             self,
@@ -218,7 +219,7 @@ class Host:
     def _launch(
         self, cmdline: Sequence[str], services: Mapping[str, object], *, owned: bool
     ) -> tuple[PluginProcess, PluginSession]:
-        cmdline = checked_cmdline(cmdline)
+        cmdline = list(checked_cmdline(cmdline))
         self._check_owner()
         name = display_name(cmdline)
         with self._lock:
@@ -333,14 +334,6 @@ class Host:
             raise RuntimeError(
                 "a Host can only be used in the process that created it, not in a forked child"
             )
-
-
-def checked_cmdline(cmdline: Sequence[str]) -> list[str]:
-    if isinstance(cmdline, (str, bytes)) or not isinstance(cmdline, Sequence):
-        raise ValueError(f"a plugin command line must be a list of strings, got {cmdline!r}")
-    if not cmdline or not all(isinstance(arg, str) for arg in cmdline) or not cmdline[0]:
-        raise ValueError(f"a plugin command line must be a non-empty list of strings, got {cmdline!r}")
-    return list(cmdline)
 
 
 # Hosts not yet closed; the interpreter-exit hook closes them. A forked child
