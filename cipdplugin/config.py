@@ -47,6 +47,11 @@ class RepositoryClient(Protocol):
     ``list_metadata`` may raise ``grpc.RpcError`` or ``AdmissionError``; the
     status code and message reach the plugin unchanged. It is called from the
     host's server threads, possibly concurrently.
+
+    A repository whose ``list_metadata`` also takes a keyword ``timeout``
+    (``PrpcRepository`` does) is given the time left before the plugin's own
+    call gives up, less a second: it should fail within it, with a message
+    the plugin can show (the host's answer then reaches the plugin first).
     """
 
     def list_metadata(self, request: ListMetadataRequest) -> ListMetadataResponse: ...
