@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from cipdplugin import (
     StaticRepository,
     instance_id_to_object_ref,
 )
-from tests.conftest import ResourceSnapshot, assert_no_leaks, hex_id, plugin_cmd
+from tests.conftest import ResourceSnapshot, assert_no_leaks, hex_id, hostile_cmd, plugin_cmd, read_result
 from tests.hostile_http import HostileServer, Script, answer_bytes, drip, forever, gzip_bomb, head
 from tests.prpc_backend import PrpcBackend
 
@@ -329,3 +330,22 @@ def test_a_hung_backend_leaves_nothing_behind_a_host(
     )
     assert elapsed < 20  # the plugin's start, then the backend's 2 s; never the SDK's 30 s limit
     assert_no_leaks(baseline)
+
+
+def test_the_host_answers_before_the_plugins_own_call_gives_up(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    """A repository with a longer timeout than the plugin's call is given the
+    call's time less a margin: the plugin hears which backend did not answer,
+    not a bare DEADLINE_EXCEEDED of its own."""
+    server = make_server(_silent)
+    repo = repository(server.url, timeout=30.0)
+    report = tmp_path / "metadata.json"
+    with Host(Config(repo.service_url, repo)) as host:
+        host.launch_plugin(hostile_cmd("metadata-deadline", str(report), "3", repo.service_url), object())
+        result = read_result(report)
+    repo.close()
+    server.close()
+    assert result["code"] == "DEADLINE_EXCEEDED"
+    assert result["details"] == f"no answer from {server.url} within 2 s"  # 3 s, less METADATA_ANSWER_MARGIN
+    assert result["seconds"] < 3.0

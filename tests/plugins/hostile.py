@@ -28,6 +28,9 @@ its stream open, admits what it is sent, and exits when stdin reaches EOF.
   COUNT Log calls that never send their request, waits up to 3 s, and
   reports how many ended with each code and how many are still open; it
   keeps them open until stdin closes.
+* ``metadata-deadline RESULT_FILE SECONDS SERVICE_URL``: one ListMetadata
+  call with its ticket and a deadline of SECONDS; reports the code, the
+  details and how long the answer took.
 * ``stall COUNT``: opens its stream, admits the first COUNT admissions,
   then stops reading the stream (keeping it open) until stdin closes.
 * ``refused-until-eof RESULT_FILE``: asks for protocol version 2 in the
@@ -49,6 +52,7 @@ import os
 import secrets
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -256,6 +260,24 @@ def main(argv: list[str]) -> int:
         exit_on_eof(9)
         for _ in client.admissions():
             pass  # Never resolved: the checks stay pending until the host closes.
+        return 0
+    if mode == "metadata-deadline":
+        seconds, service_url = float(args[1]), args[2]
+        request = plugin_pb2.ListMetadataRequest(service_url=service_url, package="ok/tool")
+        call = client.channel.unary_unary(
+            HOST_LIST_METADATA,
+            request_serializer=plugin_pb2.ListMetadataRequest.SerializeToString,
+            response_deserializer=plugin_pb2.ListMetadataResponse.FromString,
+        )
+        started = time.monotonic()
+        try:
+            call(request, metadata=client.ticketed(), timeout=seconds)
+            code, details = "OK", ""
+        except grpc.RpcError as exc:
+            code, details = str(exc.code().name), str(exc.details())
+        write_result(args[0], {"code": code, "details": details, "seconds": time.monotonic() - started})
+        exit_on_eof()
+        threading.Event().wait()
         return 0
     if mode == "stall":
         exit_on_eof()
