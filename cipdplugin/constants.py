@@ -234,9 +234,13 @@ BACKEND_INITIAL_BACKOFF = 0.5
 BACKEND_MAX_BACKOFF = 10.0
 #: A retry is only worth it with this much of the call's time left, in seconds.
 BACKEND_MIN_ATTEMPT = 0.05
-#: Idle keep-alive connections kept per repository: a host's server threads
-#: call concurrently, and eight covers the SDK's bursts without hoarding sockets.
-MAX_IDLE_CONNECTIONS = 8
+#: Idle keep-alive connections kept per repository. The pool opens one per
+#: concurrent call (HTTP/1.1 carries one call at a time), so it grows with a
+#: burst; this many stay open for the next burst (a plugin may have hundreds
+#: of handlers listing metadata at once), each checked for a close by the
+#: backend before reuse. Ours (Go's pRPC client multiplexes calls over
+#: HTTP/2 connections of its transport).
+MAX_IDLE_CONNECTIONS = 64
 #: Larger answers are refused, on the wire and again once decompressed: the
 #: Go pRPC client's ``DefaultMaxContentLength`` (luci-go ``grpc/prpc/client.go``),
 #: which Go applies to the body its transport has already decompressed.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 from collections.abc import Callable
 
 import grpc
@@ -167,3 +168,43 @@ def test_an_unscoped_pin_is_admitted_and_audited_as_unscoped(make_host: Callable
 def test_an_empty_chain_admits_everything() -> None:
     chain = AdmissionChain([])
     assert chain.check_admission(pin("any/thing")).result(timeout=1) is None
+
+
+class _Interrupted(BaseException):
+    """What a signal handler raises here: like KeyboardInterrupt, but not one
+    that ends the test session."""
+
+
+def test_an_interrupt_while_a_member_queue_is_full_leaves_no_future_pending(
+    make_host: Callable[..., Host],
+) -> None:
+    """An exception that lands while the chain waits for room in a member's
+    full queue fails that member's slot, so the chain's promise still
+    resolves once its other members have answered, or the host closes."""
+    host = make_host()
+    admitting = host.new_admission_plugin(plugin_cmd("admit"))
+    # A plugin that never connects: its queue of one fills and stays full.
+    stuck = host.new_admission_plugin(plugin_cmd("never-connect"), max_pending=1)
+    chain = AdmissionChain([admitting, stuck])
+    first = chain.check_admission(pin("a/first"))  # fills the stuck member's queue
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(_Interrupted):
+            chain.check_admission(pin("a/second"))  # blocks on the full queue
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    second = chain.check_admission(pin("a/second"))  # the cached promise
+    # It resolves without the stuck member: that slot failed when the
+    # interrupt landed, and the admitting member answers.
+    error = second.exception(timeout=30)
+    assert isinstance(error, AdmissionError) and "interrupted" in error.message
+    host.close()
+    assert first.done() and second.done()
+    chain.clear_cache()
+    assert chain.check_admission(pin("a/second")).done()
