@@ -9,6 +9,7 @@ turns ``CommandLineError`` into its own error type.
 from __future__ import annotations
 
 import json
+import os
 import reprlib
 from collections.abc import Sequence
 
@@ -25,12 +26,14 @@ def _kind(value: object) -> str:
 
 
 def checked_cmdline(
-    value: object, *, source: str = "a plugin command line", allow_empty: bool = False
+    value: object, *, source: str = "a plugin command line", allow_empty: bool = False, text: bool = False
 ) -> tuple[str, ...]:
-    """``value`` as a command line: a list or tuple of strings of valid
-    Unicode whose first item, the executable, is not empty.
+    """``value`` as a command line: a list or tuple of strings whose first
+    item, the executable, is not empty, and each of which the OS can take
+    (file names that are not UTF-8 arrive as ``os.fsdecode`` makes them).
 
     ``allow_empty``: an empty sequence means "no plugin" and is returned as is.
+    ``text``: the strings came from text (JSON), so they must be valid Unicode.
 
     Raises:
         CommandLineError: anything else, naming ``source`` and the item at fault.
@@ -50,7 +53,7 @@ def checked_cmdline(
                 f"{source}: item {index} must be a string, got {_kind(item)} {reprlib.repr(item)}"
             )
         try:
-            item.encode("utf-8")
+            item.encode("utf-8") if text else os.fsencode(item)
         except UnicodeEncodeError:
             raise CommandLineError(f"{source}: item {index} is not valid Unicode text") from None
     if not value[0]:
@@ -81,4 +84,4 @@ def parse_cmdline(text: str, *, source: str, allow_empty: bool = False) -> tuple
         return ()
     if not isinstance(value, list):
         raise CommandLineError(f"{source} must be a JSON list of strings, got {_kind(value)}; {_EXAMPLE}")
-    return checked_cmdline(value, source=source, allow_empty=allow_empty)
+    return checked_cmdline(value, source=source, allow_empty=allow_empty, text=True)

@@ -10,7 +10,6 @@ wait on ``stopping`` so that ``close()`` ends them.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import socket
 import threading
@@ -19,6 +18,7 @@ from collections.abc import Callable
 
 from cipdplugin import InstanceMetadata, ListMetadataResponse
 from cipdplugin.backend import CODE_HEADER, PRPC_BINARY
+from tests.loopback_server import LoopbackServer
 
 #: (connection, request number, stopping) -> keep the connection open.
 Script = Callable[[socket.socket, int, threading.Event], bool]
@@ -47,23 +47,15 @@ def gzip_bomb(decompressed: int) -> bytes:
     return b"".join(parts)
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     """The server; ``close()`` stops it and ends every connection and script."""
+
+    name = "hostile"
 
     def __init__(self, script: Script) -> None:
         self.script = script
-        self.stopping = threading.Event()
-        # Guards the fields below; connection threads and the test share them.
-        self._lock = threading.Lock()
-        self._requests = 0
-        self._connections: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._acceptor = threading.Thread(target=self._accept, name="hostile-accept", daemon=True)
-        self._acceptor.start()
+        self._requests = 0  # guarded by the base's _lock
+        super().__init__()
 
     @property
     def requests(self) -> int:
@@ -72,37 +64,6 @@ class HostileServer:
 
     def __enter__(self) -> HostileServer:
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.stopping.set()
-        self._acceptor.join(timeout=5)
-        with self._lock:
-            connections, threads = list(self._connections), list(self._threads)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        for thread in threads:
-            thread.join(timeout=5)
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(
-                target=self._serve, args=(connection,), name="hostile-conn", daemon=True
-            )
-            with self._lock:
-                self._connections.add(connection)
-                self._threads.append(thread)
-            thread.start()
 
     def _serve(self, connection: socket.socket) -> None:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -124,8 +85,6 @@ class HostileServer:
         finally:
             reader.close()
             connection.close()
-            with self._lock:
-                self._connections.discard(connection)
 
 
 def _read_request(reader: io.BufferedIOBase) -> int | None:

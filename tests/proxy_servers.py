@@ -10,11 +10,11 @@ client sent into its tunnels (``tunneled``), and can demand credentials.
 from __future__ import annotations
 
 import base64
-import contextlib
 import select
 import socket
-import threading
 from dataclasses import dataclass
+
+from tests.loopback_server import LoopbackServer
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,10 @@ class Seen:
     headers: dict[str, str]
 
 
-class HttpProxy:
+class HttpProxy(LoopbackServer):
     """The proxy; ``close()`` stops it and ends every connection."""
+
+    name = "proxy"
 
     def __init__(
         self, upstreams: dict[str, tuple[str, int]], *, credentials: tuple[str, str] | None = None
@@ -37,19 +39,10 @@ class HttpProxy:
         if credentials is not None:
             token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
             self.expected = f"Basic {token}"
-        self.stopping = threading.Event()
-        # Guards the fields below; connection threads and the test share them.
-        self._lock = threading.Lock()
+        # Guarded by the base's _lock, which connection threads and the test share.
         self._seen: list[Seen] = []
         self._tunneled = bytearray()
-        self._sockets: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._acceptor = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
-        self._acceptor.start()
+        super().__init__()
 
     @property
     def seen(self) -> list[Seen]:
@@ -63,35 +56,6 @@ class HttpProxy:
 
     def __enter__(self) -> HttpProxy:
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.stopping.set()
-        self._acceptor.join(timeout=5)
-        with self._lock:
-            sockets, threads = list(self._sockets), list(self._threads)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for thread in threads:
-            thread.join(timeout=5)
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(client,), name="proxy-conn", daemon=True)
-            with self._lock:
-                self._sockets.add(client)
-                self._threads.append(thread)
-            thread.start()
 
     def _serve(self, client: socket.socket) -> None:
         client.settimeout(10)
@@ -111,7 +75,7 @@ class HttpProxy:
                 return
             upstream = socket.create_connection(address, timeout=10)
             with self._lock:
-                self._sockets.add(upstream)
+                self._connections.add(upstream)  # close() shuts it too
             if method == "CONNECT":
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 self._relay(client, upstream, rest)
@@ -123,6 +87,8 @@ class HttpProxy:
             client.close()
             if upstream is not None:
                 upstream.close()
+                with self._lock:
+                    self._connections.discard(upstream)
 
     def _relay(self, client: socket.socket, upstream: socket.socket, early: bytes) -> None:
         """Copy bytes both ways until either side closes."""
