@@ -31,7 +31,7 @@ def test_a_plugin_holding_its_budget_delays_no_other(make_host: HostFactory, tmp
     host = make_host()
     worker = host.new_admission_plugin(plugin_cmd("admit"))
     assert worker.check_admission(Pin("warm/up", hex_id(0))).result(timeout=30) is None
-    alone = [_burst_seconds(worker, 1_000_000 * (1 + n)) for n in range(3)]
+    alone = [_burst_seconds(worker, 1_000_000 * (1 + n)) for n in range(5)]
 
     # A plugin with its own valid ticket opens more Log calls than its budget
     # and never sends their requests.
@@ -43,10 +43,11 @@ def test_a_plugin_holding_its_budget_delays_no_other(make_host: HostFactory, tmp
     assert result["codes"] == {"RESOURCE_EXHAUSTED": extra}
 
     # Meanwhile a running plugin keeps its speed, and a new one starts and answers.
-    held = [_burst_seconds(worker, 1_000_000 * (10 + n)) for n in range(3)]
+    held = [_burst_seconds(worker, 1_000_000 * (10 + n)) for n in range(5)]
     newcomer = host.new_admission_plugin(plugin_cmd("admit"))
     assert newcomer.check_admission(Pin("new/comer", hex_id(1))).result(timeout=30) is None
-    # Speed ratio of the best runs: the machine's noise hits both alike.
+    # Speed ratio of the best of five runs each: a busy machine slows some
+    # runs of either kind, rarely all five.
     assert min(alone) / min(held) >= 0.8, (alone, held)
 
 
