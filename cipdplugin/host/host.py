@@ -261,8 +261,11 @@ class Host:
         with the audit log written and flushed. The close runs on a thread
         of its own, so it is safe from a signal handler; a second call waits
         for the first, unless it comes from the closing thread itself (a
-        Future callback that closes the host): then it returns at once. In a
-        child process forked from the host's, does nothing.
+        Future callback that closes the host): then it returns at once. Called
+        on one of the server's threads (a Future callback run by a plugin's
+        answer), it returns once pending checks have failed: the rest of the
+        close waits for that very call to end. In a child process forked from
+        the host's, does nothing.
         """
         if self._fork_generation != FORKS.generation:
             return
@@ -324,6 +327,8 @@ class Host:
                 thread.join(final.remaining())
             self._server.stop(final)
         finally:
+            if not self._checks_failed.done():
+                self._checks_failed.set_result(None)  # nobody waits for it in vain
             if self._audit_log is not None:
                 # Last: closing the plugins settled their pending checks.
                 self._audit_log.close(final.remaining())
