@@ -85,6 +85,7 @@ from tests.go_anchors import (
     peer_plugin_cmd,
     run_driver,
 )
+from tests.plain_grpc import protocol_handlers
 
 pytestmark = pytest.mark.usefixtures("go_binaries")
 
@@ -571,22 +572,11 @@ class RawAdmissionsServer:
         self.outbox: queue.Queue[plugin_pb2.Admission | None] = queue.Queue()
         self.resolved: queue.Queue[str] = queue.Queue()
         self.executor = futures.ThreadPoolExecutor(4)
-        handler = grpc.method_handlers_generic_handler(
-            "cipd.plugin.Admissions",
-            {
-                "ListAdmissions": grpc.unary_stream_rpc_method_handler(
-                    self._list,
-                    request_deserializer=plugin_pb2.ListAdmissionsRequest.FromString,
-                    response_serializer=plugin_pb2.Admission.SerializeToString,
-                ),
-                "ResolveAdmission": grpc.unary_unary_rpc_method_handler(
-                    self._resolve,
-                    request_deserializer=plugin_pb2.ResolveAdmissionRequest.FromString,
-                    response_serializer=Empty.SerializeToString,
-                ),
-            },
+        self.server = grpc.server(
+            self.executor,
+            handlers=protocol_handlers(list_admissions=self._list, resolve_admission=self._resolve),
+            options=[("grpc.so_reuseport", 0)],
         )
-        self.server = grpc.server(self.executor, handlers=[handler], options=[("grpc.so_reuseport", 0)])
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 

@@ -3,6 +3,7 @@ delays no other, and answers are never refused for capacity."""
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from concurrent.futures import wait
@@ -15,6 +16,8 @@ from tests.conftest import SERVICE_URL, HostFactory, hex_id, hostile_cmd, plugin
 
 #: Checks per timed burst.
 BURST = 1000
+#: Timed bursts with the other plugin idle, and as many with it holding its budget.
+RUNS = 9
 
 
 def _burst_seconds(plugin: AdmissionPlugin, first: int) -> float:
@@ -31,7 +34,7 @@ def test_a_plugin_holding_its_budget_delays_no_other(make_host: HostFactory, tmp
     host = make_host()
     worker = host.new_admission_plugin(plugin_cmd("admit"))
     assert worker.check_admission(Pin("warm/up", hex_id(0))).result(timeout=30) is None
-    alone = [_burst_seconds(worker, 1_000_000 * (1 + n)) for n in range(5)]
+    alone = [_burst_seconds(worker, 1_000_000 * (1 + n)) for n in range(RUNS)]
 
     # A plugin with its own valid ticket opens more Log calls than its budget
     # and never sends their requests.
@@ -48,12 +51,13 @@ def test_a_plugin_holding_its_budget_delays_no_other(make_host: HostFactory, tmp
     assert codes.get("RESOURCE_EXHAUSTED", 0) >= extra - 5
 
     # Meanwhile a running plugin keeps its speed, and a new one starts and answers.
-    held = [_burst_seconds(worker, 1_000_000 * (10 + n)) for n in range(5)]
+    held = [_burst_seconds(worker, 1_000_000 * (10 + n)) for n in range(RUNS)]
     newcomer = host.new_admission_plugin(plugin_cmd("admit"))
     assert newcomer.check_admission(Pin("new/comer", hex_id(1))).result(timeout=30) is None
-    # Speed ratio of the best of five runs each: a busy machine slows some
-    # runs of either kind, rarely all five.
-    assert min(alone) / min(held) >= 0.8, (alone, held)
+    # The mean of several runs each: a run's time is not the same twice on
+    # 2 cores (runs fall into a fast and a slow mode, alone or not), and a
+    # mean moves less than a median when a few runs change mode.
+    assert statistics.mean(alone) / statistics.mean(held) >= 0.8, (alone, held)
 
 
 class SlowRepository:

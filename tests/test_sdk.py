@@ -24,6 +24,7 @@ from cipdplugin.plugins import MAX_HANDSHAKE_BYTES, Handshake, HandshakeError, p
 from cipdplugin.protocol import TICKET_METADATA_KEY, plugin_pb2
 from tests.conftest import SERVICE_URL, hex_id, plugin_cmd
 from tests.go_anchors import run_driver
+from tests.plain_grpc import protocol_handlers
 
 #: JSON values of every type, for the fields of a handshake object.
 json_values = st.recursive(
@@ -193,23 +194,7 @@ class GoLikeHost:
         self.executor = futures.ThreadPoolExecutor(4)
         self.server = grpc.server(self.executor, options=[("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers(
-            [
-                grpc.method_handlers_generic_handler(
-                    "cipd.plugin.Admissions",
-                    {
-                        "ListAdmissions": grpc.unary_stream_rpc_method_handler(
-                            self._list,
-                            request_deserializer=plugin_pb2.ListAdmissionsRequest.FromString,
-                            response_serializer=plugin_pb2.Admission.SerializeToString,
-                        ),
-                        "ResolveAdmission": grpc.unary_unary_rpc_method_handler(
-                            self._resolve,
-                            request_deserializer=plugin_pb2.ResolveAdmissionRequest.FromString,
-                            response_serializer=Empty.SerializeToString,
-                        ),
-                    },
-                )
-            ]
+            protocol_handlers(list_admissions=self._list, resolve_admission=self._resolve)
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()

@@ -37,6 +37,7 @@ from cipdplugin.plugins import logs
 from cipdplugin.protocol import TICKET_METADATA_KEY, plugin_pb2
 from cipdplugin.threads import DaemonThreads
 from tests.conftest import REPO_ROOT, SERVICE_URL, hex_id, plugin_cmd, wait_until
+from tests.plain_grpc import protocol_handlers
 
 GO_BIN = REPO_ROOT.parent / "shared" / "anchors" / "bin"
 needs_go = pytest.mark.skipif(
@@ -161,38 +162,12 @@ class RefusingHost:
         self.executor = futures.ThreadPoolExecutor(threads)
         self.server = grpc.server(self.executor, options=[("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers(
-            [
-                grpc.method_handlers_generic_handler(
-                    "cipd.plugin.Admissions",
-                    {
-                        "ListAdmissions": grpc.unary_stream_rpc_method_handler(
-                            self._list,
-                            request_deserializer=plugin_pb2.ListAdmissionsRequest.FromString,
-                            response_serializer=plugin_pb2.Admission.SerializeToString,
-                        ),
-                        "ResolveAdmission": grpc.unary_unary_rpc_method_handler(
-                            self._resolve,
-                            request_deserializer=plugin_pb2.ResolveAdmissionRequest.FromString,
-                            response_serializer=Empty.SerializeToString,
-                        ),
-                    },
-                ),
-                grpc.method_handlers_generic_handler(
-                    "cipd.plugin.Host",
-                    {
-                        "Log": grpc.unary_unary_rpc_method_handler(
-                            self._log,
-                            request_deserializer=plugin_pb2.LogRequest.FromString,
-                            response_serializer=Empty.SerializeToString,
-                        ),
-                        "ListMetadata": grpc.unary_unary_rpc_method_handler(
-                            self._list_metadata,
-                            request_deserializer=plugin_pb2.ListMetadataRequest.FromString,
-                            response_serializer=plugin_pb2.ListMetadataResponse.SerializeToString,
-                        ),
-                    },
-                ),
-            ]
+            protocol_handlers(
+                list_admissions=self._list,
+                resolve_admission=self._resolve,
+                log=self._log,
+                list_metadata=self._list_metadata,
+            )
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
