@@ -8,6 +8,7 @@ so that nothing of ``cipdplugin.host`` stands behind them.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -62,3 +63,20 @@ def protocol_handlers(
     if host:
         handlers.append(grpc.method_handlers_generic_handler("cipd.plugin.Host", host))
     return handlers
+
+
+def stream_from(
+    outbox: queue.Queue[plugin_pb2.Admission | None], context: Context
+) -> Iterator[plugin_pb2.Admission]:
+    """A ListAdmissions stream of what is put in ``outbox``, until None is or the call ends.
+
+    Looks at the call every 0.1 s, so a stream the plugin dropped ends.
+    """
+    while context.is_active():
+        try:
+            admission = outbox.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if admission is None:
+            return
+        yield admission

@@ -85,7 +85,7 @@ from tests.go_anchors import (
     peer_plugin_cmd,
     run_driver,
 )
-from tests.plain_grpc import protocol_handlers
+from tests.plain_grpc import protocol_handlers, stream_from
 
 pytestmark = pytest.mark.usefixtures("go_binaries")
 
@@ -583,14 +583,7 @@ class RawAdmissionsServer:
     def _list(
         self, request: plugin_pb2.ListAdmissionsRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:
-        while context.is_active():
-            try:
-                admission = self.outbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if admission is None:
-                return
-            yield admission
+        yield from stream_from(self.outbox, context)
 
     def _resolve(self, request: plugin_pb2.ResolveAdmissionRequest, context: grpc.ServicerContext) -> Empty:
         self.resolved.put(request.admission_id)

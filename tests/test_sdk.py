@@ -24,7 +24,7 @@ from cipdplugin.plugins import MAX_HANDSHAKE_BYTES, Handshake, HandshakeError, p
 from cipdplugin.protocol import TICKET_METADATA_KEY, plugin_pb2
 from tests.conftest import SERVICE_URL, hex_id, plugin_cmd
 from tests.go_anchors import run_driver
-from tests.plain_grpc import protocol_handlers
+from tests.plain_grpc import protocol_handlers, stream_from
 
 #: JSON values of every type, for the fields of a handshake object.
 json_values = st.recursive(
@@ -209,14 +209,7 @@ class GoLikeHost:
     ) -> Iterator[plugin_pb2.Admission]:
         self._ticket(context)
         self.list_requests.append(request)
-        while context.is_active():
-            try:
-                admission = self.admissions.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if admission is None:
-                return
-            yield admission
+        yield from stream_from(self.admissions, context)
 
     def _resolve(self, request: plugin_pb2.ResolveAdmissionRequest, context: grpc.ServicerContext) -> Empty:
         self._ticket(context)

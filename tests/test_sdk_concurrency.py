@@ -37,7 +37,7 @@ from cipdplugin.plugins import logs
 from cipdplugin.protocol import TICKET_METADATA_KEY, plugin_pb2
 from cipdplugin.threads import DaemonThreads
 from tests.conftest import REPO_ROOT, SERVICE_URL, hex_id, plugin_cmd, wait_until
-from tests.plain_grpc import protocol_handlers
+from tests.plain_grpc import protocol_handlers, stream_from
 
 GO_BIN = REPO_ROOT.parent / "shared" / "anchors" / "bin"
 needs_go = pytest.mark.skipif(
@@ -183,14 +183,7 @@ class RefusingHost:
         self._check_ticket(context)
         if request.protocol_version != 1:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unsupported protocol version")
-        while context.is_active():
-            try:
-                admission = self.admissions.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if admission is None:
-                return
-            yield admission
+        yield from stream_from(self.admissions, context)
 
     def _resolve(self, request: plugin_pb2.ResolveAdmissionRequest, context: grpc.ServicerContext) -> Empty:
         self._check_ticket(context)
