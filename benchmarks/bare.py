@@ -41,21 +41,73 @@ PEER = Path(__file__).resolve().parent / "plugins.py"
 WAIT_LIMIT = 300.0
 
 
-class BareAdmissionServer:
+class _Bursts:
+    """What both bare hosts share: a queue feeding the ListAdmissions stream,
+    and a count of the answers still expected in the current burst."""
+
+    #: Who answers, for the error when a burst is not answered in time.
+    peer_name = "the peer"
+
+    def __init__(self, service_url: str) -> None:
+        self._service_url = service_url
+        self._outbox: queue.SimpleQueue[plugin_pb2.Admission | None] = queue.SimpleQueue()
+        # Guards the two fields below.
+        self._lock = threading.Lock()
+        self._remaining = 0  # answers still expected in the current burst
+        self._answered = threading.Event()  # set when _remaining reaches 0
+        self._next_id = 0
+
+    def _instance(self, pin: Pin) -> cipd_pb2.ObjectRef:
+        return pin.object_ref
+
+    def _stream(self) -> Iterator[plugin_pb2.Admission]:
+        while True:
+            admission = self._outbox.get()  # Cannot hang: close() sends None.
+            if admission is None:
+                return
+            yield admission
+
+    def _count_answer(self) -> None:
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining == 0:
+                self._answered.set()
+
+    def check_all(self, pins: list[Pin]) -> None:
+        """Send one Admission per pin and return once every one is answered.
+
+        Raises:
+            TimeoutError: no answer to every pin within ``WAIT_LIMIT``.
+        """
+        with self._lock:
+            self._remaining = len(pins)
+            self._answered.clear()
+        for pin in pins:
+            self._next_id += 1
+            self._outbox.put(
+                plugin_pb2.Admission(
+                    admission_id=str(self._next_id),
+                    service_url=self._service_url,
+                    package=pin.package,
+                    instance=self._instance(pin),
+                )
+            )
+        if not self._answered.wait(WAIT_LIMIT):
+            raise TimeoutError(f"{self.peer_name} answered {len(pins) - self._remaining} of {len(pins)}")
+
+
+class BareAdmissionServer(_Bursts):
     """One bare server and its peer process; used for one measurement, then closed.
 
     ``peer_workers`` is how the peer answers: 0 inline on the stream's
     thread, N from a pool of N threads.
     """
 
+    peer_name = "the bare peer"
+
     def __init__(self, service_url: str, peer_workers: int) -> None:
-        self._service_url = service_url
-        self._outbox: queue.SimpleQueue[plugin_pb2.Admission | None] = queue.SimpleQueue()
+        super().__init__(service_url)
         self._connected = threading.Event()
-        # Guards the two fields below.
-        self._lock = threading.Lock()
-        self._remaining = 0  # answers still expected in the current burst
-        self._answered = threading.Event()  # set when _remaining reaches 0
         # A deliberate independent baseline: the handler table is written out
         # here rather than taken from cipdplugin.host.transport, so that the
         # floor it measures owes nothing to the code it is compared with.
@@ -81,44 +133,18 @@ class BareAdmissionServer:
         self.peer = subprocess.Popen(
             [sys.executable, str(PEER), "bare-peer", str(port), str(peer_workers)], stdin=subprocess.DEVNULL
         )
-        self._next_id = 0
+
+    def _instance(self, pin: Pin) -> cipd_pb2.ObjectRef:
+        # The floor skips the instance ID's decoding: it is library work.
+        return cipd_pb2.ObjectRef(hash_algo=cipd_pb2.SHA1, hex_digest=pin.instance_id)
 
     def _list_admissions(self, request: plugin_pb2.ListAdmissionsRequest, context: Any) -> Iterator[Any]:
         self._connected.set()
-        while True:
-            admission = self._outbox.get()  # Cannot hang: close() sends None.
-            if admission is None:
-                return
-            yield admission
+        yield from self._stream()
 
     def _resolve_admission(self, request: plugin_pb2.ResolveAdmissionRequest, context: Any) -> Empty:
-        with self._lock:
-            self._remaining -= 1
-            if self._remaining == 0:
-                self._answered.set()
+        self._count_answer()
         return Empty()
-
-    def check_all(self, pins: list[Pin]) -> None:
-        """Send one Admission per pin and return once every one is answered.
-
-        Raises:
-            TimeoutError: the peer did not answer within ``WAIT_LIMIT``.
-        """
-        with self._lock:
-            self._remaining = len(pins)
-            self._answered.clear()
-        for pin in pins:
-            self._next_id += 1
-            self._outbox.put(
-                plugin_pb2.Admission(
-                    admission_id=str(self._next_id),
-                    service_url=self._service_url,
-                    package=pin.package,
-                    instance=cipd_pb2.ObjectRef(hash_algo=cipd_pb2.SHA1, hex_digest=pin.instance_id),
-                )
-            )
-        if not self._answered.wait(WAIT_LIMIT):
-            raise TimeoutError(f"the bare peer answered {len(pins) - self._remaining} of {len(pins)}")
 
     def wait_connected(self) -> None:
         """Wait for the peer's ListAdmissions call.
@@ -168,7 +194,7 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-class BareHost:
+class BareHost(_Bursts):
     """A complete plugin host in bare grpcio: the baseline of our host
     driving a Go plugin. One per measurement, then closed.
 
@@ -182,16 +208,12 @@ class BareHost:
     the first launch.
     """
 
+    peer_name = "the plugin"
+
     def __init__(self, service_url: str, cmdline: list[str]) -> None:
         started = time.perf_counter()
-        self._service_url = service_url
+        super().__init__(service_url)
         self._ticket = base64.b64encode(secrets.token_bytes(64)).decode("ascii").rstrip("=")
-        self._outbox: queue.SimpleQueue[plugin_pb2.Admission | None] = queue.SimpleQueue()
-        # Guards the two fields below.
-        self._lock = threading.Lock()
-        self._remaining = 0  # answers still expected in the current burst
-        self._answered = threading.Event()  # set when _remaining reaches 0
-        self._next_id = 0
         # A deliberate independent baseline: the handler tables are written
         # out here rather than taken from cipdplugin.host.transport.
         handlers = [
@@ -240,45 +262,16 @@ class BareHost:
 
     def _list_admissions(self, request: plugin_pb2.ListAdmissionsRequest, context: Any) -> Iterator[Any]:
         self._check_ticket(context)
-        while True:
-            admission = self._outbox.get()  # Cannot hang: close() sends None.
-            if admission is None:
-                return
-            yield admission
+        yield from self._stream()
 
     def _resolve_admission(self, request: plugin_pb2.ResolveAdmissionRequest, context: Any) -> Empty:
         self._check_ticket(context)
-        with self._lock:
-            self._remaining -= 1
-            if self._remaining == 0:
-                self._answered.set()
+        self._count_answer()
         return Empty()
 
     def _log(self, request: plugin_pb2.LogRequest, context: Any) -> Empty:
         self._check_ticket(context)
         return Empty()
-
-    def check_all(self, pins: list[Pin]) -> None:
-        """Send one Admission per pin and return once every one is answered.
-
-        Raises:
-            TimeoutError: the plugin did not answer within ``WAIT_LIMIT``.
-        """
-        with self._lock:
-            self._remaining = len(pins)
-            self._answered.clear()
-        for pin in pins:
-            self._next_id += 1
-            self._outbox.put(
-                plugin_pb2.Admission(
-                    admission_id=str(self._next_id),
-                    service_url=self._service_url,
-                    package=pin.package,
-                    instance=pin.object_ref,
-                )
-            )
-        if not self._answered.wait(WAIT_LIMIT):
-            raise TimeoutError(f"the plugin answered {len(pins) - self._remaining} of {len(pins)}")
 
     def cold_first_seconds(self, warm_up: Pin) -> float:
         """Check ``warm_up``: the time from this host's start to that first answer."""
