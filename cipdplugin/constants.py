@@ -143,6 +143,14 @@ SDK_RUNNING_HANDLERS = 8
 #: does not hold the others back for long. Long enough that a quick call
 #: slowed by taking turns for the GIL (5 ms a turn) is not mistaken for one.
 PRESUMED_WAITING = 0.05
+#: Once a pool of ours has this many threads, the process's futex table is
+#: widened to ``FUTEX_TABLE_SLOTS`` buckets (``cipdplugin.futexes``).
+FUTEX_TABLE_WIDEN_AT = 64
+#: Buckets of the widened futex table: about one per thread of four plugins
+#: each holding a budget of ``PLUGIN_CALL_BUDGET`` calls. 64 bytes each, so
+#: 256 KiB of kernel memory. The kernel's own default (Linux 6.16 and later)
+#: is four per online CPU and at least 16.
+FUTEX_TABLE_SLOTS = 4096
 #: An idle pool thread (``cipdplugin.threads``, both sides) leaves after this
 #: long without work: a burst's hundreds of threads do not outlive it by
 #: much, while the bursts of one deployment, seconds apart, reuse them.

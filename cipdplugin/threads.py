@@ -18,8 +18,9 @@ goroutine blocks in a system call. A call stops counting as running while it
 says it waits (``waiting()``), or once it has run ``patience`` seconds (it
 is then presumed to wait on something the pool cannot see).
 
-Both sides use it, so it imports nothing of ours but the deadline and the
-constants.
+Both sides use it, so it imports nothing of ours but the deadline, the
+constants and the futex table's widening (``cipdplugin.futexes``), which a
+pool asks for once it has ``FUTEX_TABLE_WIDEN_AT`` threads.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
-from cipdplugin.constants import IDLE_THREAD_EXPIRY, PRESUMED_WAITING
+from cipdplugin.constants import FUTEX_TABLE_WIDEN_AT, IDLE_THREAD_EXPIRY, PRESUMED_WAITING
 from cipdplugin.deadline import Deadline
+from cipdplugin.futexes import widen_futex_table
 
 #: A call to make: its Future (None for ``run_soon``), the function and its arguments.
 _Work = tuple["futures.Future[Any] | None", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -325,6 +327,8 @@ class DaemonThreads(futures.Executor):
                 _logger.warning("cannot start more %s threads; the others keep serving", self._name)
                 return
             started_one = True
+            if self._count >= FUTEX_TABLE_WIDEN_AT:  # read without the lock: a hint is enough
+                widen_futex_table()
 
     def _forget_unstarted(self, count: int) -> None:
         """Drop ``count`` threads asked for and never to be started (the lock held)."""

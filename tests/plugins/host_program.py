@@ -15,6 +15,11 @@ Usage: host_program.py MODE. Each mode prints one JSON object on stdout.
 * ``interrupt-checks``: raises KeyboardInterrupt into ``check_admission()``
   from SIGALRM every millisecond for two seconds, then closes the host.
   Reports how many Futures handed out (or cached) were pending after close.
+* ``budget-held``: on one CPU, times bursts of 1,000 checks to one plugin,
+  then has a hostile plugin hold more Log calls than its budget, times as
+  many bursts again, and starts one more plugin. Reports the burst times,
+  the hostile plugin's report, the newcomer's first verdict and the size of
+  the process's futex table.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -33,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from cipdplugin import AdmissionPlugin, Config, Host, Pin, StaticRepository
 
 TEST_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "admission_plugin.py")
+HOSTILE_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hostile.py")
 SERVICE_URL = "https://cipd.example.com"
 
 
@@ -161,11 +168,64 @@ def interrupt_checks() -> dict[str, Any]:
     return {"interrupts": interrupts, "pending after close": sum(not future.done() for future in handed_out)}
 
 
+#: Checks per timed burst of ``budget_held``, and bursts before and during the hold.
+BURST, RUNS = 1000, 7
+
+
+def budget_held() -> dict[str, Any]:
+    # One CPU for this process, its threads and its plugins (they inherit
+    # it): on two, a burst's time varies threefold from run to run, as the
+    # threads happen to share a core or not; on one it varies by a tenth,
+    # and whatever the held calls cost shows in full.
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from cipdplugin.constants import PLUGIN_CALL_BUDGET
+    from cipdplugin.futexes import futex_table_slots
+
+    host = Host(Config(SERVICE_URL, StaticRepository()))
+    worker = admitting_plugin(host)
+
+    def burst_seconds(first: int) -> float:
+        burst = [Pin("speed/pkg", f"{first + n:040x}") for n in range(BURST)]
+        started = time.monotonic()
+        promises = [worker.check_admission(pin) for pin in burst]
+        if any(promise.exception(timeout=120) is not None for promise in promises):
+            raise AssertionError("a check of the admitting plugin failed")
+        return time.monotonic() - started
+
+    alone = [burst_seconds(1_000_000 * (1 + n)) for n in range(RUNS)]
+    with tempfile.TemporaryDirectory() as folder:
+        report = os.path.join(folder, "hold.json")
+        count = str(PLUGIN_CALL_BUDGET + HELD_BEYOND_BUDGET)
+        host.launch_plugin([sys.executable, HOSTILE_PLUGIN, "hold", report, count], object())
+        deadline = time.monotonic() + 30
+        while not os.path.exists(report) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(report) as file:
+            hold = json.load(file)
+    held = [burst_seconds(1_000_000 * (10 + n)) for n in range(RUNS)]
+    newcomer = host.new_admission_plugin([sys.executable, TEST_PLUGIN, "admit"])
+    first = newcomer.check_admission(Pin("new/comer", f"{1:040x}")).exception(timeout=30)
+    slots = futex_table_slots()
+    host.close()
+    return {
+        "alone": alone,
+        "held": held,
+        "hold": hold,
+        "newcomer": repr(first),
+        "futex table": slots,
+    }
+
+
+#: Log calls ``budget_held``'s hostile plugin opens beyond its budget.
+HELD_BEYOND_BUDGET = 50
+
+
 def main(argv: list[str]) -> int:
     modes = {
         "fork": fork,
         "close-in-signal-handler": close_in_signal_handler,
         "interrupt-checks": interrupt_checks,
+        "budget-held": budget_held,
     }
     print(json.dumps(modes[argv[1]]()), flush=True)
     return 0
