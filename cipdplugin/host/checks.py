@@ -128,21 +128,26 @@ class AdmissionChecks:
 
     def cached(self, pin: Pin) -> HostFuture[None] | None:
         """The promise cached for ``pin``, or None; takes no lock on a hit."""
-        # Single dict lookups and weakref calls are atomic.
-        future = self._promises.get(pin)
-        if future is not None:
-            return future
-        verdict = self._verdicts.get(pin)
-        if verdict is None:
-            return None
-        future = verdict.promise()
-        if future is not None:
-            return future
+        found = self._find(pin)
+        if not isinstance(found, Settled):
+            return found
         with self._lock:
             # Under the lock, so that two callers rebuilding at once get the same promise.
             return self._cached_locked(pin)
 
     def _cached_locked(self, pin: Pin) -> HostFuture[None] | None:
+        found = self._find(pin)
+        if not isinstance(found, Settled):
+            return found
+        # Made settled and then cached: nothing can interrupt it half-way.
+        future = settled(found.outcome)
+        self._verdicts[pin] = Settled(weakref.ref(future), found.outcome)
+        return future
+
+    def _find(self, pin: Pin) -> HostFuture[None] | Settled | None:
+        """``pin``'s live promise; else its verdict, if no caller holds its
+        promise any more; else None. Single dict lookups and weakref calls
+        are atomic: it needs no lock."""
         future = self._promises.get(pin)
         if future is not None:
             return future
@@ -150,11 +155,7 @@ class AdmissionChecks:
         if verdict is None:
             return None
         future = verdict.promise()
-        if future is None:
-            # Made settled and then cached: nothing can interrupt it half-way.
-            future = settled(verdict.outcome)
-            self._verdicts[pin] = Settled(weakref.ref(future), verdict.outcome)
-        return future
+        return verdict if future is None else future
 
     def add(self, pin: Pin, admission: plugin_pb2.Admission, deadline: Deadline) -> HostFuture[None]:
         """Queue a check of ``pin`` (unless one is cached) and return its promise.
