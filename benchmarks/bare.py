@@ -17,6 +17,7 @@ hashing, tickets, the bounded queue, the SDK's handler plumbing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import queue
 import secrets
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,30 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def measure_burst(burst: Callable[[], int], plugins: list[psutil.Process], checks: int) -> dict[str, float]:
+    """Run ``burst`` (it returns how many of its ``checks`` failed): its
+    seconds, and the CPU per check of this process and of ``plugins``."""
+
+    def plugins_cpu() -> float:
+        total = 0.0
+        for process in plugins:
+            with contextlib.suppress(psutil.Error):  # a plugin that exited counts what it used
+                total += cpu_seconds(process)
+        return total
+
+    me = psutil.Process()
+    host_cpu, plugin_cpu = cpu_seconds(me), plugins_cpu()
+    start = time.perf_counter()
+    failed = burst()
+    elapsed = time.perf_counter() - start
+    return {
+        "seconds": elapsed,
+        "host_cpu_us_per_check": (cpu_seconds(me) - host_cpu) / checks * 1e6,
+        "plugin_cpu_us_per_check": (plugins_cpu() - plugin_cpu) / checks * 1e6,
+        "failed_checks": float(failed),
+    }
+
+
 class BareHost(_Bursts):
     """A complete plugin host in bare grpcio: the baseline of our host
     driving a Go plugin. One per measurement, then closed.
@@ -299,20 +324,14 @@ def bare_host_burst(service_url: str, cmdline: list[str], pins: list[Pin], warm_
     plugin's CPU per check in the burst.
     """
     host = BareHost(service_url, cmdline)
+
+    def burst() -> int:
+        host.check_all(pins)
+        return 0  # it counts answers only: a lost one raises TimeoutError
+
     try:
         cold = host.cold_first_seconds(warm_up)
-        me, plugin = psutil.Process(), psutil.Process(host.plugin.pid)
-        host_cpu, plugin_cpu = cpu_seconds(me), cpu_seconds(plugin)
-        start = time.perf_counter()
-        host.check_all(pins)
-        elapsed = time.perf_counter() - start
-        host_cpu, plugin_cpu = cpu_seconds(me) - host_cpu, cpu_seconds(plugin) - plugin_cpu
+        figures = measure_burst(burst, [psutil.Process(host.plugin.pid)], len(pins))
     finally:
         host.close()
-    return {
-        "seconds": elapsed,
-        "cold_first_seconds": cold,
-        "host_cpu_us_per_check": host_cpu / len(pins) * 1e6,
-        "plugin_cpu_us_per_check": plugin_cpu / len(pins) * 1e6,
-        "failed_checks": 0.0,  # it counts answers only: a lost one raises TimeoutError
-    }
+    return figures | {"cold_first_seconds": cold}

@@ -42,7 +42,6 @@ figure, and the peak of ListMetadata calls in flight.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.bare import bare_host_burst, cpu_seconds
+from benchmarks.bare import bare_host_burst, measure_burst
 from benchmarks.repositories import DigestRepository, PrpcDigestServer
 from benchmarks.results import BenchmarkError, Measurement, Results, Target, log
 from cipdplugin import AdmissionDenied, Config, Host, Pin, PrpcRepository, RepositoryClient
@@ -133,22 +132,14 @@ def our_host_run(
         if settle([checker.check_admission(DRIVER_WARM_UP)], 1):
             raise BenchmarkError(f"{plugin[-1]} did not admit its first check")
         cold = time.perf_counter() - start
-        processes = psutil.Process().children()
-        me = psutil.Process()
-        host_cpu, plugin_cpu = cpu_seconds(me), _cpu(processes)
-        start = time.perf_counter()
-        failed = settle([checker.check_admission(pin) for pin in pins], admitted)
-        elapsed = time.perf_counter() - start
-        host_cpu, plugin_cpu = cpu_seconds(me) - host_cpu, _cpu(processes) - plugin_cpu
+        figures = measure_burst(
+            lambda: settle([checker.check_admission(pin) for pin in pins], admitted),
+            psutil.Process().children(),
+            len(pins),
+        )
     finally:
         host.close()
-    return {
-        "seconds": elapsed,
-        "cold_first_seconds": cold,
-        "host_cpu_us_per_check": host_cpu / len(pins) * 1e6,
-        "plugin_cpu_us_per_check": plugin_cpu / len(pins) * 1e6,
-        "failed_checks": float(failed),
-    }
+    return figures | {"cold_first_seconds": cold}
 
 
 def settle(promises: list[Future[None]], admitted: int) -> int:
@@ -166,14 +157,6 @@ def settle(promises: list[Future[None]], admitted: int) -> int:
     for error in failures[:3]:
         log(f"    a check failed: {error!r}")
     return max(len(failures), abs(admissions - admitted))
-
-
-def _cpu(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            total += cpu_seconds(process)
-    return total
 
 
 # -- go-steady ------------------------------------------------------------------------
