@@ -55,32 +55,27 @@ def widen_futex_table() -> None:
 def futex_table_slots() -> int | None:
     """Buckets of this process's private futex table: 0 if it uses the
     kernel's global one, None if the kernel cannot tell."""
-    import ctypes
+    slots = _futex_hash(_PR_FUTEX_HASH_GET_SLOTS)
+    return None if slots is None or slots < 0 else slots
+
+
+def _widen() -> None:
+    slots = futex_table_slots()
+    if slots is not None and 0 < slots < FUTEX_TABLE_SLOTS:
+        # A failure (a kernel that refuses the size) leaves the table as it was.
+        _futex_hash(_PR_FUTEX_HASH_SET_SLOTS, FUTEX_TABLE_SLOTS)
+
+
+def _futex_hash(operation: int, slots: int = 0) -> int | None:
+    """``prctl(PR_FUTEX_HASH, operation, slots)``; None without a C library that has prctl."""
+    import ctypes  # only here: the SDK's import time counts
 
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
     prctl.restype = ctypes.c_int
-    slots = int(prctl(_PR_FUTEX_HASH, *_ulongs(_PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)))
-    return None if slots < 0 else slots
-
-
-def _widen() -> None:
-    import ctypes
-
-    slots = futex_table_slots()
-    if slots is None or not 0 < slots < FUTEX_TABLE_SLOTS:
-        return
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.restype = ctypes.c_int
-    # A failure (a kernel that refuses the size) leaves the table as it was.
-    prctl(_PR_FUTEX_HASH, *_ulongs(_PR_FUTEX_HASH_SET_SLOTS, FUTEX_TABLE_SLOTS, 0, 0))
-
-
-def _ulongs(*values: int) -> list[object]:
-    """prctl's arguments after the first are unsigned longs: passed as such,
-    not as ints whose upper half the kernel would read as garbage."""
-    import ctypes
-
-    return [ctypes.c_ulong(value) for value in values]
+    # The arguments after the first are unsigned longs: passed as ints, their
+    # upper halves would be whatever the registers held.
+    arguments = [ctypes.c_ulong(value) for value in (operation, slots, 0, 0)]
+    return int(prctl(_PR_FUTEX_HASH, *arguments))

@@ -25,10 +25,7 @@ first.start()
 first.join()
 if choose_global:
     from cipdplugin import futexes
-    import ctypes
-    prctl = ctypes.CDLL(None).prctl
-    prctl.restype = ctypes.c_int
-    prctl(futexes._PR_FUTEX_HASH, *futexes._ulongs(futexes._PR_FUTEX_HASH_SET_SLOTS, 0, 0, 0))
+    futexes._futex_hash(futexes._PR_FUTEX_HASH_SET_SLOTS, 0)
 release = threading.Event()
 pool = DaemonThreads(threads * 2, name="probe")
 started = threading.Semaphore(0)
