@@ -189,7 +189,7 @@ SDK_LOG_RETRY_LIMIT = 5.0
 #: Test: ``test_go_handshake_has_our_fields_and_ticket_length``.
 TICKET_BYTES = 64
 #: Short calls (Log, ListMetadata) one plugin may have open at once; each
-#: holds a server thread while open. Per plugin, so that one plugin using up
+#: holds a thread of the server's pool while its servant runs. Per plugin, so that one plugin using up
 #: its budget delays no other; large enough for a plugin that lists the
 #: metadata of every pin of a deployment at once (luci's example plugin
 #: does: the Go host served 540 at once). Calls beyond it are refused with
@@ -198,6 +198,16 @@ TICKET_BYTES = 64
 #: (``host/host.go``, ``Host.initServer``) sets no limit, each call being a
 #: goroutine. Test: ``test_a_plugin_holding_its_budget_delays_no_other``.
 PLUGIN_CALL_BUDGET = 1024
+#: How long ``Host`` waits for its server's event loop to listen before it
+#: gives up on launching a plugin. Ours (the Go host listens on its own
+#: goroutine and waits without a bound); it takes milliseconds.
+SERVER_START_TIMEOUT = 30.0
+#: Calls grpc's core holds for the server before they are served. Its
+#: default refuses a call with RESOURCE_EXHAUSTED once 1,000 wait and it has
+#: waited a moment, or once 3,000 wait: a burst of answers from one plugin
+#: (one per check) can be more, and luci's SDK drops an answer refused.
+#: The plugins' budgets bound the calls served; this only lets them queue.
+SERVER_PENDING_CALLS = 1 << 20
 #: How much sooner than its caller's deadline the host gives up on a
 #: repository that takes a timeout: time for the answer to reach the plugin.
 #: Ours (the Go host passes the call's context to its repository, which

@@ -138,6 +138,7 @@ def test_the_transport_imports_no_plugin_kind() -> None:
         "cipdplugin.deadline",
         "cipdplugin.host.requests",
         "cipdplugin.host.process",
+        "cipdplugin.host.promises",
         "cipdplugin.protocol",
         "cipdplugin.threads",
     }, ours

@@ -9,8 +9,11 @@ routes each call to the servant of the plugin whose ticket it carries.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -19,12 +22,22 @@ from cipdplugin.constants import ANSWER_SLACK
 from cipdplugin.errors import AdmissionDenied, AdmissionError, PluginStartError
 from cipdplugin.host.checks import AdmissionChecks
 from cipdplugin.host.lifecycle import PluginLifecycle
+from cipdplugin.host.requests import Call, CallFailed
 from cipdplugin.host.transport import Method, Service
 from cipdplugin.protocol import PROTOCOL_VERSION, plugin_pb2
 from cipdplugin.status import code_of
 
 _OK = grpc.StatusCode.OK.value[0]
 _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+class _Refused(CallFailed):
+    """The plugin is refused for good; ``answered`` is to be resolved once
+    the refusal has left (the call ended)."""
+
+    def __init__(self, message: str, answered: Future[None]) -> None:
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
+        self.answered = answered
 
 
 class AdmissionsServant:
@@ -37,39 +50,37 @@ class AdmissionsServant:
         self._lock = threading.Lock()
         self._claimed = False
 
-    def list_admissions(
-        self, request: plugin_pb2.ListAdmissionsRequest, context: grpc.ServicerContext
-    ) -> Iterator[plugin_pb2.Admission]:
-        with self._lock:
-            claimed, self._claimed = self._claimed, True
-        if claimed:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "ListAdmissions was already called")
-        lifecycle = self._lifecycle
-        if request.protocol_version != PROTOCOL_VERSION:
-            message = (
-                f"plugin {lifecycle.name!r} speaks admission protocol version "
-                f"{request.protocol_version}, the host speaks {PROTOCOL_VERSION}"
-            )
-            answered = lifecycle.refuse(PluginStartError(message, code=grpc.StatusCode.FAILED_PRECONDITION))
-            if not context.add_callback(lambda: answered.set_result(None)):
-                answered.set_result(None)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
-        if not lifecycle.connected(request.plugin_version):
-            context.abort(grpc.StatusCode.ABORTED, "terminating")
-        lifecycle.host.logger.debug(
-            "Plugin '%s' connected (version %r)", lifecycle.name, request.plugin_version
-        )
-        checks = self._checks
-        checks.connected()
-        # The callback runs on one of gRPC's threads when the call ends.
-        if not context.add_callback(checks.wake):
-            lifecycle.disconnected()
-            return
+    async def list_admissions(
+        self, request: plugin_pb2.ListAdmissionsRequest, call: Call
+    ) -> AsyncIterator[plugin_pb2.Admission]:
+        """The stream of checks, on the server's loop: waits without a thread
+        while there is nothing to send."""
+        try:
+            # Opening may end the plugin, and so run the program's callbacks.
+            await call.run_blocking(self._open, request)
+        except _Refused as refused:
+            answered = refused.answered
+            call.when_done(lambda: answered.set_result(None))
+            raise
+        checks, lifecycle = self._checks, self._lifecycle
+        loop = asyncio.get_running_loop()
+        has_work = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the call is over
+                loop.call_soon_threadsafe(has_work.set)
+
         try:
             while True:
-                batch = checks.take(context.is_active)
+                batch = checks.poll(wake)
                 if batch is None:
                     break
+                if not batch:
+                    # Cannot hang: a queued check and the plugin's end call
+                    # wake(), and the call's end cancels this wait.
+                    await has_work.wait()
+                    has_work.clear()
+                    continue
                 for check in batch:
                     admission = checks.sendable(check)
                     if admission is not None:
@@ -78,13 +89,32 @@ class AdmissionsServant:
                 # would otherwise stay alive as long as the stream idles.
                 del batch, check, admission
         finally:
-            lifecycle.disconnected()
-        if context.is_active():
-            context.abort(grpc.StatusCode.ABORTED, "terminating")
+            # It may wait a moment for the plugin's exit status.
+            call.offload(lifecycle.disconnected)
+        raise CallFailed(grpc.StatusCode.ABORTED, "terminating")
 
-    def resolve_admission(
-        self, request: plugin_pb2.ResolveAdmissionRequest, context: grpc.ServicerContext
-    ) -> Empty:
+    def _open(self, request: plugin_pb2.ListAdmissionsRequest) -> None:
+        """The stream's opening: the plugin is connected, or the call fails."""
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+        if claimed:
+            raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION, "ListAdmissions was already called")
+        lifecycle = self._lifecycle
+        if request.protocol_version != PROTOCOL_VERSION:
+            message = (
+                f"plugin {lifecycle.name!r} speaks admission protocol version "
+                f"{request.protocol_version}, the host speaks {PROTOCOL_VERSION}"
+            )
+            answered = lifecycle.refuse(PluginStartError(message, code=grpc.StatusCode.FAILED_PRECONDITION))
+            raise _Refused(message, answered)
+        if not lifecycle.connected(request.plugin_version):
+            raise CallFailed(grpc.StatusCode.ABORTED, "terminating")
+        lifecycle.host.logger.debug(
+            "Plugin '%s' connected (version %r)", lifecycle.name, request.plugin_version
+        )
+        self._checks.connected()
+
+    def resolve_admission(self, request: plugin_pb2.ResolveAdmissionRequest, call: Call) -> Empty:
         """Settle one check; unknown IDs (already settled, or never ours) are ignored.
 
         No status, or OK, admits: the Go SDK sends none when it admits.

@@ -98,11 +98,12 @@ class AdmissionChecks:
         self._max_pending = max_pending
         self._check_timeout = check_timeout
         self._on_settling = on_settling
-        # One lock guards all fields below. Two conditions share it so that
-        # producers and the stream wake only each other's counterpart.
+        # One lock guards all fields below.
         self._lock = threading.Lock()
-        self._has_work = threading.Condition(self._lock)  # queue non-empty, ended, or the stream's call ended
         self._has_room = threading.Condition(self._lock)  # queue has room, or ended
+        # Called once, outside the lock, when the queue gets a check or the
+        # plugin ends: the stream, idle on the server's loop, asked for it.
+        self._wake_stream: Callable[[], None] | None = None
         self._queue: deque[Check] = deque()  # not yet taken by the stream, some maybe settled
         self._waiting = 0  # checks in the queue still unsettled: max_pending bounds this
         self._in_flight: dict[str, Check] = {}  # unsettled, by admission ID
@@ -190,7 +191,9 @@ class AdmissionChecks:
             self._queue.append(check)
             self._waiting += 1
             self._promises[pin] = check.future
-            self._has_work.notify()
+            wake, self._wake_stream = self._wake_stream, None
+        if wake is not None:
+            wake()
         if self._connected and self._deadlines is not None:
             self._deadlines.arm((check,))
         return check.future
@@ -224,18 +227,19 @@ class AdmissionChecks:
         if self._deadlines is not None:
             self._deadlines.arm(queued)
 
-    def take(self, streaming: Callable[[], bool]) -> list[Check] | None:
-        """The next checks to send (at most ``STREAM_BATCH``), once there are
-        some; None once the stream must end (the plugin ended, or
-        ``streaming()`` turned False). Send each with ``sendable``."""
+    def poll(self, wake: Callable[[], None]) -> list[Check] | None:
+        """The next checks to send (at most ``STREAM_BATCH``), without
+        waiting: send each with ``sendable``. None once the stream must end
+        (the plugin ended). With none to send, an empty list, and ``wake()``
+        is called once there are (or the plugin ends), from the thread that
+        queues them: it must not block."""
         with self._lock:
-            # Cannot hang: a queued check, the plugin's end and the call's end
-            # (``wake``) all notify.
-            while not self._queue and self._failure is None and streaming():
-                self._has_work.wait()
-            if self._failure is not None or not streaming():
+            if self._failure is not None:
                 return None
             queue = self._queue
+            if not queue:
+                self._wake_stream = wake
+                return []
             batch = [queue.popleft() for _ in range(min(len(queue), STREAM_BATCH))]
             for check in batch:
                 if check.queued:
@@ -255,11 +259,6 @@ class AdmissionChecks:
         admission, check.admission = check.admission, None
         # A single dict lookup: atomic, no lock needed to read it.
         return admission if self._in_flight.get(check.admission_id) is check else None
-
-    def wake(self) -> None:
-        """Make the stream look at its call again (the call ended)."""
-        with self._lock:
-            self._has_work.notify_all()
 
     def answer_room(self) -> int:
         """How many answers the plugin may be sending at once: one per unsettled check."""
@@ -321,8 +320,10 @@ class AdmissionChecks:
             self._waiting = 0
             for check in failed:
                 self._keep(check, error)
-            self._has_work.notify_all()
             self._has_room.notify_all()
+            wake, self._wake_stream = self._wake_stream, None
+        if wake is not None:
+            wake()
         if self._deadlines is not None:
             self._deadlines.stop()
         for check in failed:

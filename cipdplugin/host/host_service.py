@@ -25,6 +25,7 @@ from google.protobuf.empty_pb2 import Empty
 from cipdplugin.config import Config, RepositoryClient
 from cipdplugin.constants import METADATA_ANSWER_MARGIN
 from cipdplugin.errors import AdmissionError
+from cipdplugin.host.requests import Call, CallFailed
 from cipdplugin.host.transport import Method, Service
 from cipdplugin.protocol import cipd_pb2, plugin_pb2
 from cipdplugin.status import rpc_error_parts
@@ -47,7 +48,7 @@ class HostServant:
         self._config = config
         self._logger = logger
 
-    def log(self, request: plugin_pb2.LogRequest, context: grpc.ServicerContext) -> Empty:
+    def log(self, request: plugin_pb2.LogRequest, call: Call) -> Empty:
         # An unknown severity is still worth showing: log it as info.
         level = SEVERITY_LEVELS.get(request.severity.lower(), logging.INFO)
         # The plugin's text may hold control characters that forge log lines
@@ -56,16 +57,16 @@ class HostServant:
         return Empty()
 
     def list_metadata(
-        self, request: plugin_pb2.ListMetadataRequest, context: grpc.ServicerContext
+        self, request: plugin_pb2.ListMetadataRequest, call: Call
     ) -> plugin_pb2.ListMetadataResponse:
         config = self._config()
         if config is None:
-            context.abort(grpc.StatusCode.INTERNAL, "the host has no config: call Host.initialize first")
+            raise CallFailed(grpc.StatusCode.INTERNAL, "the host has no config: call Host.initialize first")
         repository = config.repository
         if repository is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "the host has no metadata repository")
+            raise CallFailed(grpc.StatusCode.UNIMPLEMENTED, "the host has no metadata repository")
         if request.service_url != config.service_url:
-            context.abort(
+            raise CallFailed(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"metadata of {request.service_url!r} is not available, only of {config.service_url!r}",
             )
@@ -77,22 +78,22 @@ class HostServant:
             page_token=request.page_token,
         )
         try:
-            answer = _ask(repository, query, context.time_remaining())
+            answer = _ask(repository, query, call.deadline.remaining())
         except AdmissionError as exc:
-            context.abort(exc.code, exc.message)
+            raise CallFailed(exc.code, exc.message) from None
         except grpc.RpcError as exc:
-            context.abort(*rpc_error_parts(exc))
+            raise CallFailed(*rpc_error_parts(exc)) from None
         except Exception as exc:
             self._logger.exception("metadata repository failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"metadata repository failed: {exc!r}")
+            raise CallFailed(grpc.StatusCode.INTERNAL, f"metadata repository failed: {exc!r}") from None
         except BaseException as exc:
             # KeyboardInterrupt or SystemExit raised by the repository's code
-            # on this server thread: no interpreter exit is asked of a server
+            # on this pool thread: no interpreter exit is asked of a pool
             # thread, but the plugin must get an answer rather than wait.
             if threading.current_thread() is threading.main_thread():
                 raise
             self._logger.error("metadata repository raised %r", exc)
-            context.abort(grpc.StatusCode.INTERNAL, f"metadata repository failed: {exc!r}")
+            raise CallFailed(grpc.StatusCode.INTERNAL, f"metadata repository failed: {exc!r}") from None
         return plugin_pb2.ListMetadataResponse(
             metadata=answer.metadata, next_page_token=answer.next_page_token
         )
@@ -124,12 +125,14 @@ def _takes_timeout(repository_type: type[Any]) -> bool:
 HOST_SERVICE = Service(
     "cipd.plugin.Host",
     (
-        Method("Log", plugin_pb2.LogRequest, Empty, HostServant.log),
+        # Both block: the program's log handlers, and the repository.
+        Method("Log", plugin_pb2.LogRequest, Empty, HostServant.log, blocking=True),
         Method(
             "ListMetadata",
             plugin_pb2.ListMetadataRequest,
             plugin_pb2.ListMetadataResponse,
             HostServant.list_metadata,
+            blocking=True,
         ),
     ),
 )

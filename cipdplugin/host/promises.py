@@ -13,6 +13,11 @@ promise is decided before, under the owning plugin's (or chain's) lock: the
 call that takes a check out of its plugin's table is the only one that
 settles it, so ``settle`` needs no lock of its own.
 
+A callback added with ``add_done_callback`` runs on the thread that settles
+the promise, as ``concurrent.futures`` promises, except on the server's
+event loop (answers are settled there), which must never run the embedding
+program's code: there, it is handed to the server's pool.
+
 ``result(timeout)`` and ``exception(timeout)`` raise the builtin
 ``TimeoutError`` on every supported Python: on 3.10,
 ``concurrent.futures.TimeoutError`` is another class, so the one raised
@@ -21,12 +26,19 @@ there is both.
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
+import threading
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import InvalidStateError
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+#: ``.offload``, on the server's loop thread: how a callback is run elsewhere.
+_thread = threading.local()
 
 _REFUSAL = "only the host settles this promise: it is shared by every caller that asked about the pin"
 
@@ -37,6 +49,9 @@ class HostFuture(futures.Future[T]):
     def cancel(self) -> bool:
         """Shared promises cannot be cancelled: always False."""
         return False
+
+    def add_done_callback(self, fn: Callable[[futures.Future[T]], object]) -> None:
+        super().add_done_callback(functools.partial(_run_callback, fn))
 
     def set_result(self, result: T) -> None:
         raise InvalidStateError(_REFUSAL)
@@ -70,6 +85,31 @@ if sys.version_info < (3, 11):
 
 else:
     FutureTimeoutError = TimeoutError
+
+
+def run_callbacks_elsewhere(run_soon: Callable[..., None]) -> None:
+    """Make the callbacks of promises settled on the calling thread (the
+    server's event loop) run by ``run_soon(fn, *args)`` instead."""
+    _thread.offload = run_soon
+
+
+def _run_callback(fn: Callable[[Any], object], future: futures.Future[Any]) -> None:
+    offload = getattr(_thread, "offload", None)
+    if offload is not None:
+        try:
+            offload(_logged_callback, fn, future)
+            return
+        except RuntimeError:  # the pool is stopped: the server is going away
+            pass
+    fn(future)
+
+
+def _logged_callback(fn: Callable[[Any], object], future: futures.Future[Any]) -> None:
+    try:
+        fn(future)
+    except Exception:
+        # As concurrent.futures reports a callback's exception.
+        logging.getLogger("concurrent.futures").exception("exception calling callback for %r", future)
 
 
 def settle(future: futures.Future[None], outcome: BaseException | None) -> None:

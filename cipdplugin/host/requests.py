@@ -1,58 +1,127 @@
-"""Method handlers that read their one request themselves.
+"""How a call reaches its servant on the host's asyncio server.
 
-Every handler the host serves is stream-shaped on the server side (a unary
-call and a one-message stream look the same on the wire), for two reasons:
+Every handler is a coroutine on the server's event loop (``transport``),
+one thread that serves every plugin's calls. So nothing on it may block,
+and nothing on it runs the embedding program's code:
 
-* **Accounting.** A unary handler does not run until its request has
-  arrived; a call cancelled before that never runs it. A stream-shaped
-  handler runs at once and reads the request itself, so the ``finally``
-  that gives the call's slot back to its plugin's budget always runs.
-* **Parsing.** grpcio parses a request with the handler's
-  ``request_deserializer``; when that raises, grpcio 1.60 (the floor of our
-  range) fails the call with INTERNAL, as later releases do, but leaves the
-  connection's socket open after the server stops. So the request arrives
-  here as bytes and is parsed in the handler, and the call fails with the
-  same status. Only the parse error's text is kept, never the exception: its
-  traceback holds grpcio's frames, and through them the call, in a
-  reference cycle; on grpcio 1.60 the connection's socket then stays open
-  until the cycle collector happens to run.
+* **Blocking work runs on the server's pool.** A method marked
+  ``blocking`` (one that asks the host's repository or logs through the
+  program's handlers) is served on a pool thread, and its coroutine waits
+  for it without holding the loop. A servant of a quick method that has to
+  do something of the kind hands it to the pool with ``Call.offload``.
+* **Accounting.** Every handler is stream-shaped (a unary call and a
+  one-message stream look the same on the wire): it runs at once and reads
+  the request itself, so the ``finally`` that gives the call's place in its
+  plugin's budget back always runs, for a call cancelled before its request
+  came too. A blocking servant still running when its call is cancelled
+  keeps the place until it returns: a plugin that cancels its calls holds
+  no more pool threads than its budget.
+* **Parsing.** The request arrives as bytes and is parsed here; a bad one
+  fails the call with INTERNAL, as grpcio's own parsing does, with only the
+  parse error's text (never the exception, whose traceback would hold the
+  call in a reference cycle).
+* **Failing.** A servant fails its call by raising ``CallFailed``; the
+  handler ends the call with its status (see ``_fail``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-#: ``serve(request, context)``: a response, or for a streaming method an iterator of them.
-Serve = Callable[[Any, grpc.ServicerContext], Any]
+from cipdplugin.deadline import Deadline
+from cipdplugin.threads import DaemonThreads
+
+T = TypeVar("T")
+#: What ``read()`` returns once the plugin has sent all (grpc-stubs lack it).
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
-#: What ``_parse`` returns for a call that ended before its request came.
-_CANCELLED = object()
+class CallFailed(Exception):
+    """Raised by a servant to end its call with ``code`` and ``details``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
 
 
-def _parse(request_type: type[Message], requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-    try:
-        data = next(requests, None)
-    except grpc.RpcError as exc:
-        # The plugin cancelled the call before sending its request. grpcio
-        # keeps this error in the call's state; with its traceback, it would
-        # hold these frames and so the call itself in a reference cycle,
-        # with the connection's socket, until the cycle collector runs.
-        exc.__traceback__ = None
-        return _CANCELLED
-    if data is None:
-        context.abort(grpc.StatusCode.INTERNAL, f"the call sent no {request_type.DESCRIPTOR.full_name}")
+class Call:
+    """What a servant knows of the call it serves, and how it leaves the loop."""
+
+    __slots__ = ("_context", "_pool", "deadline")
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], pool: DaemonThreads) -> None:
+        self.deadline = Deadline(context.time_remaining())  # the plugin's own (never, without one)
+        self._context = context
+        self._pool = pool
+
+    def when_done(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` once the call has ended (its status sent). On the loop only."""
+        # grpc-stubs type the callback as a class; grpcio calls it with the context.
+        self._context.add_done_callback(lambda _: fn())  # type: ignore[arg-type]
+
+    def offload(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` on the server's pool, not waiting for it (what it raises is logged)."""
+        self._pool.run_soon(fn)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the server's pool, awaited without holding the loop."""
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+
+
+#: ``serve(request, call)``: a response; for a streaming method an async iterator of them.
+Serve = Callable[[Any, Call], Any]
+
+
+#: What ``_read`` returns when the call has failed (its status is set).
+_FAILED = object()
+
+
+async def _read(request_type: type[Message], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    data = await context.read()
+    if data is _EOF:
+        return await _fail(
+            context, grpc.StatusCode.INTERNAL, f"the call sent no {request_type.DESCRIPTOR.full_name}"
+        )
     try:
         return request_type.FromString(data)
     except Exception as exc:  # as broad as grpcio's own deserialization
         error = str(exc)
-    context.abort(
-        grpc.StatusCode.INTERNAL, f"the request is not a valid {request_type.DESCRIPTOR.full_name}: {error}"
+    return await _fail(
+        context,
+        grpc.StatusCode.INTERNAL,
+        f"the request is not a valid {request_type.DESCRIPTOR.full_name}: {error}",
     )
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> object:
+    """End the call with ``code``: the status is sent before this returns.
+
+    ``context.abort()`` raises an exception that grpcio keeps in the call's
+    state (and raises again itself once the handler returns); its traceback
+    would hold the handler's frame, which holds the call: a reference cycle
+    that keeps the call, and grpc's asyncio layer with its poller thread,
+    alive until the cycle collector runs. So it is caught here and kept
+    without one.
+    """
+    try:
+        await context.abort(code, details)
+    except grpc.aio.AbortError as aborted:
+        # Nor through what it was raised while handling (a CallFailed).
+        aborted.__traceback__ = aborted.__context__ = None
+    return _FAILED
+
+
+async def _failed(context: grpc.aio.ServicerContext[Any, Any], failure: CallFailed) -> object:
+    # Its traceback, and that of the error it was raised from, hold frames
+    # that hold the call (and the handler's frame holds the failure).
+    failure.__traceback__ = failure.__context__ = failure.__cause__ = None
+    return await _fail(context, failure.code, failure.details)
 
 
 def method_handler(
@@ -60,21 +129,31 @@ def method_handler(
     request_type: type[Message],
     response_type: type[Message],
     *,
-    streaming: bool,
+    pool: DaemonThreads,
+    streaming: bool = False,
+    blocking: bool = False,
     on_end: Callable[[], None],
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler calling ``serve`` with the parsed request; ``on_end()`` runs once the call is over.
 
-    ``streaming``: ``serve`` returns an iterator of responses.
+    ``streaming``: ``serve`` returns an async iterator of responses, on the
+    loop. ``blocking``: ``serve`` runs on ``pool``.
     """
 
     if streaming:
 
-        def serve_stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        async def serve_stream(
+            requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             try:
-                request = _parse(request_type, requests, context)
-                if request is not _CANCELLED:
-                    yield from serve(request, context)
+                request = await _read(request_type, context)
+                if request is _FAILED:
+                    return
+                responses: AsyncIterator[Any] = serve(request, Call(context, pool))
+                async for response in responses:
+                    yield response
+            except CallFailed as failure:
+                await _failed(context, failure)
             finally:
                 on_end()
 
@@ -82,13 +161,29 @@ def method_handler(
             serve_stream, response_serializer=response_type.SerializeToString
         )
 
-    def serve_unary(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+    async def serve_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        ended_here = True
         try:
-            request = _parse(request_type, requests, context)
-            # Nobody reads the answer to a cancelled call.
-            return response_type() if request is _CANCELLED else serve(request, context)
+            request = await _read(request_type, context)
+            if request is _FAILED:
+                return None
+            call = Call(context, pool)
+            if not blocking:
+                return serve(request, call)
+            work = pool.submit(serve, request, call)
+            try:
+                return await asyncio.wrap_future(work)
+            except asyncio.CancelledError:
+                # The servant still runs: its place is given back when it returns.
+                ended_here = False
+                work.add_done_callback(lambda _: on_end())
+                raise
+        except CallFailed as failure:
+            await _failed(context, failure)
+            return None
         finally:
-            on_end()
+            if ended_here:
+                on_end()
 
     return grpc.stream_unary_rpc_method_handler(
         serve_unary, response_serializer=response_type.SerializeToString
@@ -99,7 +194,7 @@ def refusal_handler(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandle
     """A handler that ends a call at once, without reading its request (which
     a call that never sends one would make a unary handler wait for)."""
 
-    def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, details)
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await _fail(context, code, details)
 
     return grpc.stream_unary_rpc_method_handler(refuse)

@@ -2,16 +2,22 @@
 the tickets that tell plugins apart, each plugin's budget of calls, and the
 routing of calls to the services of the plugin's kind.
 
+* The server is grpcio's asyncio server, on an event loop of its own
+  (one thread, ``cipdplugin-server-loop``), with a pool of threads beside
+  it for the work that blocks (``requests``). A quick call (an answer, a
+  message of the admissions stream) then costs no thread handoff at all,
+  and a call waiting for the repository holds a pool thread, never the
+  loop.
 * Services are registered, not known: the host passes the ``Service``s of
   every kind (and of the ``cipd.plugin.Host`` service all kinds share) when
   it makes the server. A launched plugin's session names the servant of each
   service its kind offers; a call to a service the kind does not offer is
   UNIMPLEMENTED, as in the Go host's routers. This module imports no kind.
-* The server's one handler (``_TicketGate``) runs on gRPC's polling thread
-  before a call may take a server thread. A call without a ticket is
-  UNAUTHENTICATED, one with an unknown ticket PERMISSION_DENIED, and a call
-  beyond its plugin's budget RESOURCE_EXHAUSTED, each from a handler that
-  never reads the request: no call can hold a thread by never sending it.
+* The server's one handler (``_TicketGate``) runs on the loop before a call
+  is served. A call without a ticket is UNAUTHENTICATED, one with an
+  unknown ticket PERMISSION_DENIED, and a call beyond its plugin's budget
+  RESOURCE_EXHAUSTED, each from a handler that never reads the request: no
+  call can hold anything by never sending it.
 * Each plugin has a budget of its own (``PLUGIN_CALL_BUDGET`` short calls
   open at once), so one plugin using up its budget delays no other plugin.
   Methods marked ``reserved`` are never refused for capacity: their bound
@@ -21,7 +27,9 @@ routing of calls to the services of the plugin's kind.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import threading
@@ -32,9 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from cipdplugin.constants import PLUGIN_CALL_BUDGET, TICKET_BYTES
+from cipdplugin.constants import PLUGIN_CALL_BUDGET, SERVER_PENDING_CALLS, SERVER_START_TIMEOUT, TICKET_BYTES
 from cipdplugin.deadline import Deadline
-from cipdplugin.host.requests import method_handler, refusal_handler
+from cipdplugin.host.promises import run_callbacks_elsewhere
+from cipdplugin.host.requests import Call, method_handler, refusal_handler
 from cipdplugin.protocol import TICKET_METADATA_KEY
 from cipdplugin.threads import DaemonThreads
 
@@ -61,8 +70,10 @@ def new_ticket() -> str:
 class Method:
     """One method of a service: how a call reaches its servant.
 
-    ``serve(servant, request, context)`` answers the call (an iterator of
-    responses if ``streaming``). ``reserved(servant)``, if given, makes the
+    ``serve(servant, request, call)`` answers the call (an async iterator of
+    responses if ``streaming``), on the server's loop; with ``blocking``, on
+    a thread of the server's pool. It fails the call by raising
+    ``CallFailed``. ``reserved(servant)``, if given, makes the
     method one that is never refused for capacity: it returns how many such
     calls the plugin may have open at once, which a well-behaved plugin
     never exceeds.
@@ -71,8 +82,9 @@ class Method:
     name: str
     request_type: type[Message]
     response_type: type[Message]
-    serve: Callable[[Any, Any, grpc.ServicerContext], Any]
+    serve: Callable[[Any, Any, Call], Any]
     streaming: bool = False
+    blocking: bool = False
     reserved: Callable[[Any], int] | None = None
 
 
@@ -155,7 +167,7 @@ class _TicketGate(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return handler
 
 
-def _session_handlers(session: PluginSession, services: Sequence[Service]) -> None:
+def _session_handlers(session: PluginSession, services: Sequence[Service], pool: DaemonThreads) -> None:
     """Bind a handler to ``session`` for every method of the services its kind offers."""
     for service in services:
         servant = session.servants.get(service.name)
@@ -163,14 +175,14 @@ def _session_handlers(session: PluginSession, services: Sequence[Service]) -> No
             continue
         for method in service.methods:
             path = f"/{service.name}/{method.name}"
-            session.handlers[path] = (_bound_handler(session, servant, method, path), method, servant)
+            session.handlers[path] = (_bound_handler(session, servant, method, path, pool), method, servant)
 
 
 def _bound_handler(
-    session: PluginSession, servant: object, method: Method, path: str
+    session: PluginSession, servant: object, method: Method, path: str, pool: DaemonThreads
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    def serve(request: Any, context: grpc.ServicerContext) -> Any:
-        return method.serve(servant, request, context)
+    def serve(request: Any, call: Call) -> Any:
+        return method.serve(servant, request, call)
 
     def release() -> None:
         with session.lock:
@@ -180,7 +192,13 @@ def _bound_handler(
                 session.open_reserved[path] -= 1
 
     return method_handler(
-        serve, method.request_type, method.response_type, streaming=method.streaming, on_end=release
+        serve,
+        method.request_type,
+        method.response_type,
+        pool=pool,
+        streaming=method.streaming,
+        blocking=method.blocking,
+        on_end=release,
     )
 
 
@@ -188,8 +206,8 @@ class PluginServer:
     """One gRPC server on 127.0.0.1, started lazily, with a table of tickets.
 
     Its life is two Futures: ``started`` (the port, or why it cannot start)
-    is resolved by the first ``start()``; ``stopped`` by the helper thread
-    that ``stop()`` starts, once the server and its threads are done.
+    is resolved by the loop thread the first ``start()`` starts; ``stopped``
+    once the server, its loop and its pool are done, after ``stop()``.
     """
 
     def __init__(self, services: Sequence[Service], logger: logging.Logger, *, port: int = 0) -> None:
@@ -198,13 +216,18 @@ class PluginServer:
         self._requested_port = port
         self.started: futures.Future[int] = futures.Future()
         self.stopped: futures.Future[None] = futures.Future()
+        # The work that blocks, and the callbacks of promises settled on the
+        # loop, run here. Unbounded: the plugins' budgets bound its calls.
+        self._pool = DaemonThreads(_UNBOUNDED, name="cipdplugin-server")
         # Guards the fields below.
         self._lock = threading.Lock()
-        self._server: grpc.Server | None = None  # set once started
-        self._pool: DaemonThreads | None = None  # the server's threads, once started
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, once its thread runs
+        self._loop_thread: threading.Thread | None = None  # started by the first start()
+        self._stop_asked: asyncio.Event | None = None  # set on the loop to stop the server
+        self._stop_deadline = Deadline(None)  # the first stop()'s
         self._stopping = False
-        # Ticket -> session. Written under _lock; read without it on the RPC
-        # path (a single dict lookup is atomic).
+        # Ticket -> session. Written under _lock; read without it on the loop
+        # (a single dict lookup is atomic).
         self._sessions: dict[str, PluginSession] = {}
 
     @property
@@ -214,14 +237,12 @@ class PluginServer:
 
     @property
     def threads(self) -> int:
-        """The server's threads started so far (for measurements)."""
-        pool = self._pool
-        return pool.thread_count if pool is not None else 0
+        """The server's pool threads started so far (for measurements)."""
+        return self._pool.thread_count
 
     def serves_on_this_thread(self) -> bool:
-        """Whether the calling thread is one of the server's (a call being served)."""
-        pool = self._pool
-        return pool is not None and pool.runs_on_this_thread()
+        """Whether the calling thread is the server's loop or one of its pool's."""
+        return self._pool.runs_on_this_thread() or threading.current_thread() is self._loop_thread
 
     def start(self) -> int:
         """Start the server if it has not started; return its port.
@@ -232,39 +253,76 @@ class PluginServer:
             ServerStartError: the server could not listen, or it was stopped.
         """
         with self._lock:
-            if self._stopping and not self.started.done():
+            if self._stopping and self._loop_thread is None:
                 raise ServerStartError("the plugin server has been stopped")
-            if not self.started.done():
-                self._start_locked()
-        if self._stopping and self.started.exception() is None:
+            if self._loop_thread is None:
+                self._loop_thread = threading.Thread(
+                    target=self._serve, name="cipdplugin-server-loop", daemon=True
+                )
+                self._loop_thread.start()
+        try:
+            port = self.started.result(SERVER_START_TIMEOUT)
+        except futures.TimeoutError:
+            raise ServerStartError(
+                f"the plugin server did not start within {SERVER_START_TIMEOUT:g} s"
+            ) from None
+        if self._stopping:
             raise ServerStartError("the plugin server has been stopped")
-        return self.started.result()
+        return port
 
-    def _start_locked(self) -> None:
-        threads = DaemonThreads(_UNBOUNDED, name="cipdplugin-server")
+    def _serve(self) -> None:
+        """The loop thread: the server's whole life, until ``stop()``."""
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._run_server(loop))
+        except BaseException as exc:  # nothing may leave ``started`` unresolved
+            if not self.started.done():
+                self.started.set_exception(ServerStartError(f"cannot start the plugin server: {exc!r}"))
+            else:
+                self._logger.exception("the plugin server failed")
+        finally:
+            loop.close()
+            self._pool.stop(self._stop_deadline.remaining())
+            self.stopped.set_result(None)
+
+    async def _run_server(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Promises settled on the loop (answers) run their callbacks on the pool.
+        run_callbacks_elsewhere(self._pool.run_soon)
+        stop_asked = asyncio.Event()
         # so_reuseport=0: no other process may bind our port beside us.
-        server = grpc.server(
-            threads,  # type: ignore[arg-type]
+        # grpc's core refuses calls that wait long to be picked up once over
+        # 1,000 wait: a burst of answers from one plugin can be more.
+        server = grpc.aio.server(
             handlers=[_TicketGate(self._sessions, self._services)],
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.server.max_pending_requests", SERVER_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", SERVER_PENDING_CALLS),
+            ],
         )
         try:
             port = server.add_insecure_port(f"127.0.0.1:{self._requested_port}")
             if port == 0:
                 raise RuntimeError(f"cannot bind 127.0.0.1:{self._requested_port}")
-            server.start()
+            await server.start()
         except Exception as exc:
-            server.stop(None)
-            threads.stop()
+            await server.stop(None)
             self.started.set_exception(ServerStartError(f"cannot start the plugin server: {exc}"))
             return
-        self._server, self._pool = server, threads
+        with self._lock:
+            self._loop, self._stop_asked = loop, stop_asked
+            stopping = self._stopping
         self.started.set_result(port)
+        if not stopping:
+            await stop_asked.wait()
+        # Active calls are cancelled at once (plugins then see CANCELLED or
+        # UNAVAILABLE and stop); their handlers' ends run before it returns.
+        await server.stop(None)
 
     def new_session(self, name: str, servants: Mapping[str, object]) -> PluginSession:
         """A session for a plugin about to be launched; ``register`` makes its ticket valid."""
         session = PluginSession(name=name, servants=servants)
-        _session_handlers(session, self._services)
+        _session_handlers(session, self._services, self._pool)
         return session
 
     def register(self, session: PluginSession) -> None:
@@ -280,36 +338,28 @@ class PluginServer:
     def stop(self, deadline: Deadline) -> None:
         """Stop serving and end the server's threads, waiting until ``deadline``.
 
-        Active calls are cancelled at once (plugins then see CANCELLED or
-        UNAVAILABLE and stop). The stop runs on a helper thread, because
-        grpcio's ``stop`` waits without a limit for every running handler;
-        the helper finishes on its own if this wait gives up. Idempotent.
+        Active calls are cancelled at once. Blocking work still running on
+        the pool (a repository call) is waited for until ``deadline``; its
+        threads are daemons and end with it. Idempotent.
         """
         self.begin_stop(deadline)
         futures.wait([self.stopped], deadline.remaining())
 
     def begin_stop(self, deadline: Deadline) -> None:
-        """``stop()`` without the wait: the helper thread stops the server by ``deadline``."""
+        """``stop()`` without the wait: the loop thread stops the server by ``deadline``."""
         with self._lock:
             first = not self._stopping
             self._stopping = True
-            server, threads = self._server, self._pool
-            self._server = self._pool = None
+            if first:
+                self._stop_deadline = deadline
+            loop, stop_asked, thread = self._loop, self._stop_asked, self._loop_thread
             self._sessions.clear()
-        if first:
-            if server is None or threads is None:
-                self.stopped.set_result(None)
-            else:
-                threading.Thread(
-                    target=self._stop_server,
-                    args=(server, threads, deadline),
-                    name="cipdplugin-server-stop",
-                    daemon=True,
-                ).start()
-
-    def _stop_server(self, server: grpc.Server, threads: DaemonThreads, deadline: Deadline) -> None:
-        try:
-            server.stop(grace=None).wait(deadline.remaining())
-            threads.stop(deadline.remaining())
-        finally:
+        if not first:
+            return
+        if thread is None:  # never started
+            self._pool.stop(deadline.remaining())
             self.stopped.set_result(None)
+        elif loop is not None and stop_asked is not None:
+            with contextlib.suppress(RuntimeError):  # the loop ended already (it failed)
+                loop.call_soon_threadsafe(stop_asked.set)
+        # Else the loop is still starting: it sees _stopping once it has.

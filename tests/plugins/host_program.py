@@ -18,8 +18,8 @@ Usage: host_program.py MODE. Each mode prints one JSON object on stdout.
 * ``budget-held``: on one CPU, times bursts of 1,000 checks to one plugin,
   then has a hostile plugin hold more Log calls than its budget, times as
   many bursts again, and starts one more plugin. Reports the burst times,
-  the hostile plugin's report, the newcomer's first verdict and the size of
-  the process's futex table.
+  the hostile plugin's report, the newcomer's first verdict, the size of
+  the process's futex table and the threads of the process while held.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -203,6 +204,7 @@ def budget_held() -> dict[str, Any]:
         with open(report) as file:
             hold = json.load(file)
     held = [burst_seconds(1_000_000 * (10 + n)) for n in range(RUNS)]
+    threads = threading.active_count()
     newcomer = host.new_admission_plugin([sys.executable, TEST_PLUGIN, "admit"])
     first = newcomer.check_admission(Pin("new/comer", f"{1:040x}")).exception(timeout=30)
     slots = futex_table_slots()
@@ -213,6 +215,7 @@ def budget_held() -> dict[str, Any]:
         "hold": hold,
         "newcomer": repr(first),
         "futex table": slots,
+        "threads": threads,
     }
 
 
