@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -31,15 +30,6 @@ _OK = grpc.StatusCode.OK.value[0]
 _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
 
 
-class _Refused(CallFailed):
-    """The plugin is refused for good; ``answered`` is to be resolved once
-    the refusal has left (the call ended)."""
-
-    def __init__(self, message: str, answered: Future[None]) -> None:
-        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
-        self.answered = answered
-
-
 class AdmissionsServant:
     """One admission plugin's side of the Admissions service."""
 
@@ -55,13 +45,8 @@ class AdmissionsServant:
     ) -> AsyncIterator[plugin_pb2.Admission]:
         """The stream of checks, on the server's loop: waits without a thread
         while there is nothing to send."""
-        try:
-            # Opening may end the plugin, and so run the program's callbacks.
-            await call.run_blocking(self._open, request)
-        except _Refused as refused:
-            answered = refused.answered
-            call.when_done(lambda: answered.set_result(None))
-            raise
+        # Opening may end the plugin, and so run the program's callbacks.
+        await call.run_blocking(self._open, request)
         checks, lifecycle = self._checks, self._lifecycle
         loop = asyncio.get_running_loop()
         has_work = asyncio.Event()
@@ -106,7 +91,10 @@ class AdmissionsServant:
                 f"{request.protocol_version}, the host speaks {PROTOCOL_VERSION}"
             )
             answered = lifecycle.refuse(PluginStartError(message, code=grpc.StatusCode.FAILED_PRECONDITION))
-            raise _Refused(message, answered)
+            # The plugin's stdin is closed once the refusal has left.
+            raise CallFailed(
+                grpc.StatusCode.FAILED_PRECONDITION, message, then=lambda: answered.set_result(None)
+            )
         if not lifecycle.connected(request.plugin_version):
             raise CallFailed(grpc.StatusCode.ABORTED, "terminating")
         lifecycle.host.logger.debug(

@@ -42,12 +42,16 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 class CallFailed(Exception):
-    """Raised by a servant to end its call with ``code`` and ``details``."""
+    """Raised by a servant to end its call with ``code`` and ``details``;
+    ``then()`` runs once that status has been sent."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, *, then: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.then = then
 
 
 class Call:
@@ -59,11 +63,6 @@ class Call:
         self.deadline = Deadline(context.time_remaining())  # the plugin's own (never, without one)
         self._context = context
         self._pool = pool
-
-    def when_done(self, fn: Callable[[], None]) -> None:
-        """Run ``fn()`` once the call has ended (its status sent). On the loop only."""
-        # grpc-stubs type the callback as a class; grpcio calls it with the context.
-        self._context.add_done_callback(lambda _: fn())  # type: ignore[arg-type]
 
     def offload(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the server's pool, not waiting for it (what it raises is logged)."""
@@ -121,7 +120,10 @@ async def _failed(context: grpc.aio.ServicerContext[Any, Any], failure: CallFail
     # Its traceback, and that of the error it was raised from, hold frames
     # that hold the call (and the handler's frame holds the failure).
     failure.__traceback__ = failure.__context__ = failure.__cause__ = None
-    return await _fail(context, failure.code, failure.details)
+    await _fail(context, failure.code, failure.details)
+    if failure.then is not None:
+        failure.then()
+    return _FAILED
 
 
 def method_handler(
