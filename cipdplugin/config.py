@@ -46,7 +46,7 @@ class RepositoryClient(Protocol):
 
     ``list_metadata`` may raise ``grpc.RpcError`` or ``AdmissionError``; the
     status code and message reach the plugin unchanged. It is called from the
-    host's server threads, possibly concurrently.
+    threads of the host's server pool, possibly concurrently.
 
     A repository whose ``list_metadata`` also takes a keyword ``timeout``
     (``PrpcRepository`` does) is given the time left before the plugin's own

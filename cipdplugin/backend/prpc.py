@@ -102,7 +102,7 @@ AnswerT = TypeVar("AnswerT", bound=Message)
 class PrpcRepository:
     """A ``RepositoryClient`` asking the CIPD backend (``cipd.Repository/ListMetadata``).
 
-    Thread-safe: the host's server threads call ``list_metadata``
+    Thread-safe: the host's server pool calls ``list_metadata``
     concurrently. Keep-alive connections are reused (up to
     ``MAX_IDLE_CONNECTIONS`` idle ones), never across ``fork()``; ``close()``
     (or leaving a ``with`` block) closes them and ends calls in flight.

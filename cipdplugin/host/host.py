@@ -277,7 +277,7 @@ class Host:
             else:
                 first = False
         deadline = Deadline(termination_span(timeout))
-        # A call being served (a Future callback on a server thread) must not
+        # A call being served (a Future callback on the server's pool) must not
         # wait for the whole close, which waits for the server's calls to
         # end, this one included: it waits only for the checks to fail.
         in_a_call = self._server.serves_on_this_thread()

@@ -27,6 +27,8 @@ and nothing on it runs the embedding program's code:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -54,23 +56,100 @@ class CallFailed(Exception):
         self.then = then
 
 
+class LoopPool:
+    """The server's pool as its loop uses it: work handed to a pool thread,
+    and its outcome handed back to the loop in batches, with one wakeup of
+    the loop for all the work that ended while it was busy (under load,
+    most of it), where ``asyncio.wrap_future`` wakes it once per outcome."""
+
+    def __init__(self, pool: DaemonThreads) -> None:
+        self.pool = pool
+        self._loop: asyncio.AbstractEventLoop | None = None  # set once, before any call
+        # Guards the two fields below: pool threads add, the loop takes.
+        self._lock = threading.Lock()
+        self._ended: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._wakeup_sent = False  # a _deliver is on its way to the loop
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop outcomes go to: the server's, once it runs."""
+        self._loop = loop
+
+    def offload(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` on the pool, not waiting for it (what it raises is logged)."""
+        self.pool.run_soon(fn)
+
+    def run(
+        self, fn: Callable[..., T], *args: Any, then: Callable[[], None] | None = None
+    ) -> asyncio.Future[T]:
+        """``fn(*args)`` on the pool; its outcome, on the loop. ``then()``
+        runs on the pool thread once ``fn`` returns, whether or not anyone
+        still awaits the outcome. On the loop only.
+
+        Raises:
+            RuntimeError: the pool is stopped.
+        """
+        assert self._loop is not None
+        outcome: asyncio.Future[T] = self._loop.create_future()
+        self.pool.run_soon(self._work, outcome, fn, args, then)
+        return outcome
+
+    def _work(
+        self,
+        outcome: asyncio.Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        then: Callable[[], None] | None,
+    ) -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            error = exc
+        finally:
+            if then is not None:
+                then()
+        with self._lock:
+            self._ended.append((outcome, result, error))
+            wake = not self._wakeup_sent
+            self._wakeup_sent = True
+        # The error's traceback holds this frame: without these, the frame
+        # would hold the error and the outcome in a reference cycle.
+        del outcome, result, error
+        if wake:
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits any more
+                self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            ended, self._ended = self._ended, []
+            self._wakeup_sent = False
+        for outcome, result, error in ended:
+            if outcome.cancelled():
+                continue
+            if error is None:
+                outcome.set_result(result)
+            else:
+                outcome.set_exception(error)
+
+
 class Call:
     """What a servant knows of the call it serves, and how it leaves the loop."""
 
-    __slots__ = ("_context", "_pool", "deadline")
+    __slots__ = ("_pool", "deadline")
 
-    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], pool: DaemonThreads) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], pool: LoopPool) -> None:
         self.deadline = Deadline(context.time_remaining())  # the plugin's own (never, without one)
-        self._context = context
         self._pool = pool
 
     def offload(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the server's pool, not waiting for it (what it raises is logged)."""
-        self._pool.run_soon(fn)
+        self._pool.offload(fn)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the server's pool, awaited without holding the loop."""
-        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+        return await self._pool.run(fn, *args)
 
 
 #: ``serve(request, call)``: a response; for a streaming method an async iterator of them.
@@ -131,7 +210,7 @@ def method_handler(
     request_type: type[Message],
     response_type: type[Message],
     *,
-    pool: DaemonThreads,
+    pool: LoopPool,
     streaming: bool = False,
     blocking: bool = False,
     on_end: Callable[[], None],
@@ -172,14 +251,11 @@ def method_handler(
             call = Call(context, pool)
             if not blocking:
                 return serve(request, call)
-            work = pool.submit(serve, request, call)
-            try:
-                return await asyncio.wrap_future(work)
-            except asyncio.CancelledError:
-                # The servant still runs: its place is given back when it returns.
-                ended_here = False
-                work.add_done_callback(lambda _: on_end())
-                raise
+            # Once the servant runs, it gives the call's place back when it
+            # returns, even if the call is cancelled meanwhile.
+            answer = pool.run(serve, request, call, then=on_end)
+            ended_here = False
+            return await answer
         except CallFailed as failure:
             await _failed(context, failure)
             return None

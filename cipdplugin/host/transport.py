@@ -43,7 +43,7 @@ import grpc
 from cipdplugin.constants import PLUGIN_CALL_BUDGET, SERVER_PENDING_CALLS, SERVER_START_TIMEOUT, TICKET_BYTES
 from cipdplugin.deadline import Deadline
 from cipdplugin.host.promises import run_callbacks_elsewhere
-from cipdplugin.host.requests import Call, method_handler, refusal_handler
+from cipdplugin.host.requests import Call, LoopPool, method_handler, refusal_handler
 from cipdplugin.protocol import TICKET_METADATA_KEY
 from cipdplugin.threads import DaemonThreads
 
@@ -106,7 +106,7 @@ class PluginSession:
     ticket: str = field(default_factory=new_ticket)
     process: PluginProcess | None = None
     # Guards the two counters below: the gate charges a call on gRPC's
-    # polling thread, the call's end gives it back on a server thread.
+    # event loop, the call's end gives it back on the loop or a pool thread.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     open_calls: int = 0  # short calls open now, against PLUGIN_CALL_BUDGET
     open_reserved: dict[str, int] = field(default_factory=dict)  # per reserved method path
@@ -118,9 +118,8 @@ class PluginSession:
 
 class _TicketGate(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Finds each call's plugin by its ticket and charges the call to that
-    plugin's budget, before the call may take a server thread for longer
-    than it takes to refuse it. The server's one handler: grpcio asks it
-    for every call, on its polling thread."""
+    plugin's budget, before the call is served. The server's one handler:
+    grpcio asks it for every call, on the server's loop."""
 
     def __init__(self, sessions: Mapping[str, PluginSession], services: Sequence[Service]) -> None:
         self._sessions = sessions
@@ -167,7 +166,7 @@ class _TicketGate(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return handler
 
 
-def _session_handlers(session: PluginSession, services: Sequence[Service], pool: DaemonThreads) -> None:
+def _session_handlers(session: PluginSession, services: Sequence[Service], pool: LoopPool) -> None:
     """Bind a handler to ``session`` for every method of the services its kind offers."""
     for service in services:
         servant = session.servants.get(service.name)
@@ -179,7 +178,7 @@ def _session_handlers(session: PluginSession, services: Sequence[Service], pool:
 
 
 def _bound_handler(
-    session: PluginSession, servant: object, method: Method, path: str, pool: DaemonThreads
+    session: PluginSession, servant: object, method: Method, path: str, pool: LoopPool
 ) -> grpc.RpcMethodHandler[Any, Any]:
     def serve(request: Any, call: Call) -> Any:
         return method.serve(servant, request, call)
@@ -219,6 +218,7 @@ class PluginServer:
         # The work that blocks, and the callbacks of promises settled on the
         # loop, run here. Unbounded: the plugins' budgets bound its calls.
         self._pool = DaemonThreads(_UNBOUNDED, name="cipdplugin-server")
+        self._loop_pool = LoopPool(self._pool)
         # Guards the fields below.
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, once its thread runs
@@ -288,6 +288,7 @@ class PluginServer:
     async def _run_server(self, loop: asyncio.AbstractEventLoop) -> None:
         # Promises settled on the loop (answers) run their callbacks on the pool.
         run_callbacks_elsewhere(self._pool.run_soon)
+        self._loop_pool.bind(loop)
         stop_asked = asyncio.Event()
         # so_reuseport=0: no other process may bind our port beside us.
         # grpc's core refuses calls that wait long to be picked up once over
@@ -322,7 +323,7 @@ class PluginServer:
     def new_session(self, name: str, servants: Mapping[str, object]) -> PluginSession:
         """A session for a plugin about to be launched; ``register`` makes its ticket valid."""
         session = PluginSession(name=name, servants=servants)
-        _session_handlers(session, self._services, self._pool)
+        _session_handlers(session, self._services, self._loop_pool)
         return session
 
     def register(self, session: PluginSession) -> None:
