@@ -514,10 +514,34 @@ def test_closing_the_host_from_a_future_callback(make_host: HostFactory) -> None
         host.close()
         closed.set()
 
-    # The callback runs on the server thread that receives the resolution.
+    # The callback runs on a thread of the server's pool (the answer is
+    # settled on the server's loop, which runs no callbacks).
     plugin.check_admission(PIN).add_done_callback(close_host)
     assert closed.wait(15)
     assert plugin.state is PluginState.CLOSED
+
+
+def test_callbacks_of_answered_checks_run_off_the_servers_loop(make_host: HostFactory) -> None:
+    """A callback that waits for another check's answer does not hold up the
+    server: answers are settled on its loop, and their callbacks run on its
+    pool, so the loop serves the answer the callback waits for."""
+    host = make_host()
+    plugin = host.new_admission_plugin(plugin_cmd("admit"))
+    assert plugin.check_admission(pin(1)).result(timeout=30) is None
+    seen: list[tuple[str, object]] = []
+    done = threading.Event()
+
+    def check_another(_: Future[None]) -> None:
+        try:
+            seen.append((threading.current_thread().name, plugin.check_admission(pin(3)).result(timeout=10)))
+        finally:
+            done.set()
+
+    plugin.check_admission(pin(2)).add_done_callback(check_another)
+    assert done.wait(30)
+    [(thread, verdict)] = seen
+    assert verdict is None
+    assert thread.startswith("cipdplugin-server-") and thread != "cipdplugin-server-loop", thread
 
 
 def test_closing_the_host_from_a_callback_that_close_runs(make_host: HostFactory) -> None:

@@ -296,6 +296,18 @@ def test_our_host_gets_the_go_hosts_verdicts_from_go_plugin_trivial(make_host: H
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_a_burst_of_answers_beyond_grpcs_pending_call_limit_is_served(make_host: HostFactory) -> None:
+    """luci's SDK sends one ResolveAdmission per check at once, and drops an
+    answer that is refused. grpc's core refuses calls waiting to be served
+    beyond 1,000 (or 3,000) unless told otherwise: every answer arrives."""
+    host = make_host(Config(GO_SERVICE_URL))
+    plugin = host.new_admission_plugin([go_binary("go-plugin-trivial")], check_timeout=30)
+    pins = driver_pins(6000)
+    promises = [plugin.check_admission(pin) for pin in pins]
+    failed = [error for error in (promise.exception(90) for promise in promises) if error is not None]
+    assert not failed, (len(failed), failed[:3])
+
+
 @pytest.mark.parametrize("entries", [1, 45])
 def test_our_host_gets_the_go_hosts_verdicts_from_go_example_plugin(
     make_host: HostFactory, entries: int
