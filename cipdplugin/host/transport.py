@@ -273,8 +273,10 @@ class PluginServer:
     def _serve(self) -> None:
         """The loop thread: the server's whole life, until ``stop()``."""
         loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._report_loop_error)
         try:
             loop.run_until_complete(self._run_server(loop))
+            self._end_tasks(loop)
         except BaseException as exc:  # nothing may leave ``started`` unresolved
             if not self.started.done():
                 self.started.set_exception(ServerStartError(f"cannot start the plugin server: {exc!r}"))
@@ -284,6 +286,25 @@ class PluginServer:
             loop.close()
             self._pool.stop(self._stop_deadline.remaining())
             self.stopped.set_result(None)
+
+    def _end_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel what grpcio's stop left of its calls' tasks, and let them
+        end (within the stop's deadline), so that none is destroyed pending."""
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=self._stop_deadline.remaining_or(1.0)))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+
+    def _report_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """What asyncio reports of the loop's tasks: while stopping, grpcio's
+        calls cut short (debug); before, a defect (an error)."""
+        level = logging.DEBUG if self._stopping else logging.ERROR
+        error = context.get("exception")
+        self._logger.log(
+            level, "plugin server: %s%s", context.get("message"), f": {error!r}" if error else ""
+        )
 
     async def _run_server(self, loop: asyncio.AbstractEventLoop) -> None:
         # Promises settled on the loop (answers) run their callbacks on the pool.

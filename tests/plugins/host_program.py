@@ -11,7 +11,7 @@ Usage: host_program.py MODE. Each mode prints one JSON object on stdout.
 * ``close-in-signal-handler``: keeps the main thread inside
   ``check_admission()`` and ``clear_cache()`` while SIGALRM's handler calls
   ``Host.close(timeout=2)``; two rounds. Reports each close's duration and
-  how many Futures handed out were still pending after it.
+  how many Futures handed out were still pending once it was done.
 * ``interrupt-checks``: raises KeyboardInterrupt into ``check_admission()``
   from SIGALRM every millisecond for two seconds, then closes the host.
   Reports how many Futures handed out (or cached) were pending after close.
@@ -121,6 +121,10 @@ def close_in_signal_handler() -> dict[str, Any]:
             handed_out.extend(plugin.check_admission(pin) for pin in every_pin)
             plugin.clear_cache()
         signal.setitimer(signal.ITIMER_REAL, 0)
+        # A close whose wait was cut short (the handler interrupted this
+        # thread inside a lock the close needs) still finishes, on its own
+        # thread: a second close waits for it.
+        host.close()
         rounds.append(
             {
                 "close seconds": closed.get("seconds"),
