@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import signal
 import threading
 import time
 from collections import deque
@@ -45,6 +46,35 @@ _Work = tuple["futures.Future[Any] | None", Callable[..., Any], tuple[Any, ...],
 _LEFT = object()
 
 _logger = logging.getLogger(__name__)
+
+#: Signals sent to the process, which Python handles on its main thread.
+_PROCESS_SIGNALS = frozenset(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD")
+    if hasattr(signal, name)
+)
+
+
+def leave_signals_to_the_main_thread() -> None:
+    """Block the process's signals in the calling thread (the host's server
+    loop, which runs none of the program's code and starts no process).
+
+    The kernel gives a signal sent to the process to any thread that does
+    not block it. Python runs the handler on the main thread only, at its
+    next bytecode: if the signal went to another thread while the main
+    thread sleeps in a wait (a verdict, with no timeout), nothing wakes it,
+    and a SIGTERM is handled only when the wait ends. The threads grpc
+    starts from this one inherit the mask.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _PROCESS_SIGNALS)
+
+
+def _signal_mask() -> frozenset[int] | None:
+    """The calling thread's blocked signals (None where there are no masks)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, ()))
 
 
 class _State(enum.Enum):
@@ -106,6 +136,7 @@ class DaemonThreads(futures.Executor):
         self._patience = patience
         self._idle_expiry = idle_expiry
         self._name = name
+        self._signal_mask = _signal_mask()  # the creating thread's: every pool thread's
         self._local = threading.local()  # .worker: the _Worker of a pool thread
         # Guards the fields below, and every _Worker's fields.
         self._lock = threading.Lock()
@@ -390,6 +421,11 @@ class DaemonThreads(futures.Executor):
         self.stop(None if wait else 0.0, cancel_futures=cancel_futures)
 
     def _run(self) -> None:
+        if self._signal_mask is not None:
+            # A pool thread may be started from any thread, the server's
+            # loop included (which blocks signals); the program's code runs
+            # here, and a process it starts inherits the mask.
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
         self._start_more()
         worker = _Worker()
         self._local.worker = worker

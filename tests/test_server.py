@@ -9,6 +9,7 @@ serving every other plugin.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -393,3 +394,36 @@ def test_interpreter_exit_terminates_plugins_of_unclosed_hosts(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     pid = int(done.stdout.split()[0])
     assert wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 5)
+
+
+def _blocked_signals(thread: threading.Thread) -> int:
+    with open(f"/proc/self/task/{thread.native_id}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk line for {thread.name}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_the_servers_threads_leave_signals_to_the_main_thread(make_host: HostFactory) -> None:
+    """A SIGTERM sent to the process must reach the main thread, where Python
+    handles it, not one of the server's threads, which a waiting main
+    thread would not notice until its wait ends."""
+    host = make_host()
+    plugin = host.new_admission_plugin(plugin_cmd("admit"))
+    assert plugin.check_admission(pin(1)).result(timeout=30) is None
+    servers = [t for t in threading.enumerate() if t.name.startswith("cipdplugin-server")]
+    assert any(t.name == "cipdplugin-server-loop" for t in servers), servers
+    assert any(t.name != "cipdplugin-server-loop" for t in servers), servers
+    main = _blocked_signals(threading.main_thread())
+    assert not main & (1 << (signal.SIGTERM - 1))
+    for thread in servers:
+        blocked = _blocked_signals(thread)
+        if thread.name == "cipdplugin-server-loop":
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+                assert blocked & (1 << (signum - 1)), (thread.name, signum)
+        else:
+            # Pool threads run the program's code (callbacks), and a process
+            # it starts there inherits their mask: the mask of the thread
+            # that made the host, though the loop starts them.
+            assert blocked == main, thread.name

@@ -69,6 +69,10 @@ _logger = logging.getLogger(__name__)
 PROGRESS_THRESHOLD = 20
 #: How often the progress indicator is refreshed, in seconds.
 _PROGRESS_INTERVAL = 0.1
+#: The longest the main thread sleeps in one wait for verdicts: a signal the
+#: kernel gave another thread (one of grpc's) is handled on the main thread
+#: only once it wakes.
+_WAIT_SLICE = 0.5
 #: Exit status after SIGINT/SIGTERM, following the shell's 128 + signal convention.
 _EXIT_INTERRUPTED = 128 + signal.SIGINT
 _EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -236,7 +240,7 @@ def _wait_all(futures: Sequence[Future[None]], deadline: Deadline, progress: Pro
     for future in futures:
         future.add_done_callback(count)
     while not deadline.expired():
-        if all_done.wait(deadline.remaining_or(_PROGRESS_INTERVAL) if progress else deadline.remaining()):
+        if all_done.wait(deadline.remaining_or(_PROGRESS_INTERVAL if progress else _WAIT_SLICE)):
             break
         if progress:
             progress.show(finished, total)

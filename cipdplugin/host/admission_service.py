@@ -36,17 +36,29 @@ class AdmissionsServant:
     def __init__(self, lifecycle: PluginLifecycle, checks: AdmissionChecks) -> None:
         self._lifecycle = lifecycle
         self._checks = checks
-        # Guards _claimed: a plugin opens its stream once.
+        # Guards the fields below.
         self._lock = threading.Lock()
-        self._claimed = False
+        self._claimed = False  # a plugin opens its stream once
+        self._opened = False  # the stream's opening connected the plugin
+        self._abandoned = False  # the stream's call ended while it was opening
 
     async def list_admissions(
         self, request: plugin_pb2.ListAdmissionsRequest, call: Call
     ) -> AsyncIterator[plugin_pb2.Admission]:
         """The stream of checks, on the server's loop: waits without a thread
         while there is nothing to send."""
-        # Opening may end the plugin, and so run the program's callbacks.
-        await call.run_blocking(self._open, request)
+        try:
+            # Opening may end the plugin, and so run the program's callbacks.
+            await call.run_blocking(self._open, request)
+        except asyncio.CancelledError:
+            # The call ended while the opening ran on the pool, where it goes
+            # on: whichever of the two ends last ends the session.
+            with self._lock:
+                self._abandoned = True
+                opened = self._opened
+            if opened:
+                call.offload(self._lifecycle.disconnected)
+            raise
         checks, lifecycle = self._checks, self._lifecycle
         loop = asyncio.get_running_loop()
         has_work = asyncio.Event()
@@ -101,6 +113,11 @@ class AdmissionsServant:
             "Plugin '%s' connected (version %r)", lifecycle.name, request.plugin_version
         )
         self._checks.connected()
+        with self._lock:
+            self._opened = True
+            abandoned = self._abandoned
+        if abandoned:
+            lifecycle.disconnected()
 
     def resolve_admission(self, request: plugin_pb2.ResolveAdmissionRequest, call: Call) -> Empty:
         """Settle one check; unknown IDs (already settled, or never ours) are ignored.

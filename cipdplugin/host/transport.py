@@ -45,7 +45,7 @@ from cipdplugin.deadline import Deadline
 from cipdplugin.host.promises import run_callbacks_elsewhere
 from cipdplugin.host.requests import Call, LoopPool, method_handler, refusal_handler
 from cipdplugin.protocol import TICKET_METADATA_KEY
-from cipdplugin.threads import DaemonThreads
+from cipdplugin.threads import DaemonThreads, leave_signals_to_the_main_thread
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -272,6 +272,7 @@ class PluginServer:
 
     def _serve(self) -> None:
         """The loop thread: the server's whole life, until ``stop()``."""
+        leave_signals_to_the_main_thread()
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(self._report_loop_error)
         try:
