@@ -413,7 +413,10 @@ class DaemonThreads(futures.Executor):
                 future.cancel()
         deadline = Deadline(timeout)
         for thread in threads:
-            if thread is not threading.current_thread():  # stop() called from a pool thread
+            # Not itself (stop() called from a pool thread), nor one a starter
+            # has counted and not yet started (join would raise): that one
+            # finds the pool stopped and leaves once it runs.
+            if thread is not threading.current_thread() and thread.is_alive():
                 thread.join(deadline.remaining())
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
