@@ -36,6 +36,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from cipdplugin.pins import Pin
 from cipdplugin.protocol import cipd_pb2, plugin_pb2
+from tests.plain_grpc import protocol_handlers
 
 PEER = Path(__file__).resolve().parent / "plugins.py"
 #: Bound on every wait, so that a broken peer fails the benchmark instead of hanging it.
@@ -109,26 +110,14 @@ class BareAdmissionServer(_Bursts):
     def __init__(self, service_url: str, peer_workers: int) -> None:
         super().__init__(service_url)
         self._connected = threading.Event()
-        # A deliberate independent baseline: the handler table is written out
-        # here rather than taken from cipdplugin.host.transport, so that the
+        # A deliberate independent baseline: plain grpcio handlers
+        # (tests/plain_grpc.py), nothing of cipdplugin.host, so that the
         # floor it measures owes nothing to the code it is compared with.
-        handler = grpc.method_handlers_generic_handler(
-            "cipd.plugin.Admissions",
-            {
-                "ListAdmissions": grpc.unary_stream_rpc_method_handler(
-                    self._list_admissions,
-                    request_deserializer=plugin_pb2.ListAdmissionsRequest.FromString,
-                    response_serializer=plugin_pb2.Admission.SerializeToString,
-                ),
-                "ResolveAdmission": grpc.unary_unary_rpc_method_handler(
-                    self._resolve_admission,
-                    request_deserializer=plugin_pb2.ResolveAdmissionRequest.FromString,
-                    response_serializer=Empty.SerializeToString,
-                ),
-            },
+        handlers = protocol_handlers(
+            list_admissions=self._list_admissions, resolve_admission=self._resolve_admission
         )
         self._executor = futures.ThreadPoolExecutor(64, thread_name_prefix="bare-server")
-        self._server = grpc.server(self._executor, handlers=[handler], options=[("grpc.so_reuseport", 0)])
+        self._server = grpc.server(self._executor, handlers=handlers, options=[("grpc.so_reuseport", 0)])
         port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
         self.peer = subprocess.Popen(
@@ -239,35 +228,11 @@ class BareHost(_Bursts):
         started = time.perf_counter()
         super().__init__(service_url)
         self._ticket = base64.b64encode(secrets.token_bytes(64)).decode("ascii").rstrip("=")
-        # A deliberate independent baseline: the handler tables are written
-        # out here rather than taken from cipdplugin.host.transport.
-        handlers = [
-            grpc.method_handlers_generic_handler(
-                "cipd.plugin.Admissions",
-                {
-                    "ListAdmissions": grpc.unary_stream_rpc_method_handler(
-                        self._list_admissions,
-                        request_deserializer=plugin_pb2.ListAdmissionsRequest.FromString,
-                        response_serializer=plugin_pb2.Admission.SerializeToString,
-                    ),
-                    "ResolveAdmission": grpc.unary_unary_rpc_method_handler(
-                        self._resolve_admission,
-                        request_deserializer=plugin_pb2.ResolveAdmissionRequest.FromString,
-                        response_serializer=Empty.SerializeToString,
-                    ),
-                },
-            ),
-            grpc.method_handlers_generic_handler(
-                "cipd.plugin.Host",
-                {
-                    "Log": grpc.unary_unary_rpc_method_handler(
-                        self._log,
-                        request_deserializer=plugin_pb2.LogRequest.FromString,
-                        response_serializer=Empty.SerializeToString,
-                    ),
-                },
-            ),
-        ]
+        # A deliberate independent baseline: plain grpcio handlers
+        # (tests/plain_grpc.py), nothing of cipdplugin.host.
+        handlers = protocol_handlers(
+            list_admissions=self._list_admissions, resolve_admission=self._resolve_admission, log=self._log
+        )
         self._executor = futures.ThreadPoolExecutor(64, thread_name_prefix="bare-host")
         self._server = grpc.server(self._executor, handlers=handlers, options=[("grpc.so_reuseport", 0)])
         port = self._server.add_insecure_port("127.0.0.1:0")

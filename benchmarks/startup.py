@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from cipdplugin.protocol import cipd_pb2, plugin_pb2
+from tests.plain_grpc import protocol_handlers
 
 PLUGINS = Path(__file__).resolve().parent / "plugins.py"
 SDK_IMPORT = "import cipdplugin.plugins.admission"
@@ -81,24 +82,11 @@ class FirstVerdictHost:
         self._resolved_at = 0.0  # written before _resolved is set, read after
         # Set to end the current plugin's stream.
         self._release = threading.Event()
-        handler = grpc.method_handlers_generic_handler(
-            "cipd.plugin.Admissions",
-            {
-                "ListAdmissions": grpc.unary_stream_rpc_method_handler(
-                    self._list_admissions,
-                    request_deserializer=plugin_pb2.ListAdmissionsRequest.FromString,
-                    response_serializer=plugin_pb2.Admission.SerializeToString,
-                ),
-                "ResolveAdmission": grpc.unary_unary_rpc_method_handler(
-                    self._resolve_admission,
-                    request_deserializer=plugin_pb2.ResolveAdmissionRequest.FromString,
-                    response_serializer=Empty.SerializeToString,
-                ),
-            },
-        )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(8, thread_name_prefix="startup-host"),
-            handlers=[handler],
+            handlers=protocol_handlers(
+                list_admissions=self._list_admissions, resolve_admission=self._resolve_admission
+            ),
             options=[("grpc.so_reuseport", 0)],
         )
         self.port = self._server.add_insecure_port("127.0.0.1:0")

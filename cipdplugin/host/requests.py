@@ -63,7 +63,7 @@ class LoopPool:
     most of it), where ``asyncio.wrap_future`` wakes it once per outcome."""
 
     def __init__(self, pool: DaemonThreads) -> None:
-        self.pool = pool
+        self._pool = pool
         self._loop: asyncio.AbstractEventLoop | None = None  # set once, before any call
         # Guards the two fields below: pool threads add, the loop takes.
         self._lock = threading.Lock()
@@ -76,7 +76,7 @@ class LoopPool:
 
     def offload(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the pool, not waiting for it (what it raises is logged)."""
-        self.pool.run_soon(fn)
+        self._pool.run_soon(fn)
 
     def run(
         self, fn: Callable[..., T], *args: Any, then: Callable[[], None] | None = None
@@ -90,7 +90,7 @@ class LoopPool:
         """
         assert self._loop is not None
         outcome: asyncio.Future[T] = self._loop.create_future()
-        self.pool.run_soon(self._work, outcome, fn, args, then)
+        self._pool.run_soon(self._work, outcome, fn, args, then)
         return outcome
 
     def _work(
@@ -195,14 +195,13 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCo
     return _FAILED
 
 
-async def _failed(context: grpc.aio.ServicerContext[Any, Any], failure: CallFailed) -> object:
+async def _failed(context: grpc.aio.ServicerContext[Any, Any], failure: CallFailed) -> None:
     # Its traceback, and that of the error it was raised from, hold frames
     # that hold the call (and the handler's frame holds the failure).
     failure.__traceback__ = failure.__context__ = failure.__cause__ = None
     await _fail(context, failure.code, failure.details)
     if failure.then is not None:
         failure.then()
-    return _FAILED
 
 
 def method_handler(

@@ -224,7 +224,7 @@ class PluginServer:
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, once its thread runs
         self._loop_thread: threading.Thread | None = None  # started by the first start()
         self._stop_asked: asyncio.Event | None = None  # set on the loop to stop the server
-        self._stop_deadline = Deadline(None)  # the first stop()'s
+        self._stop_deadline = Deadline(0.0)  # the first stop()'s; until then, no wait at the end
         self._stopping = False
         # Ticket -> session. Written under _lock; read without it on the loop
         # (a single dict lookup is atomic).
