@@ -92,13 +92,14 @@ class _Worker:
     ``leave``) and then releases ``wake``, which the thread sleeps on.
     """
 
-    __slots__ = ("leave", "started", "state", "wake", "work")
+    __slots__ = ("leave", "start_spare", "started", "state", "wake", "work")
 
     def __init__(self) -> None:
         self.wake = threading.Lock()
         self.wake.acquire()
         self.work: _Work | None = None
         self.leave = False
+        self.start_spare = False  # start the threads asked for before its call (see _fill)
         self.state = _State.IDLE
         self.started = 0.0  # when the current call began (time.monotonic)
 
@@ -113,7 +114,10 @@ class DaemonThreads(futures.Executor):
     to begin waiting takes from. A caller that finds no thread idle asks for
     a new one, but a thread that starts takes over starting the next ones a
     burst needs: a burst costs its caller at most one thread start (the
-    first), not one per call.
+    first), not one per call. And a thread that takes the last idle place
+    starts a spare first (``_ask_for_spare``): calls that come one by one,
+    each outlasting the gap to the next, cost their caller no thread start
+    after the first either.
     """
 
     def __init__(
@@ -271,6 +275,8 @@ class DaemonThreads(futures.Executor):
                 worker.work = self._backlog.popleft()
                 self._begin(worker)
                 woken.append(worker)
+                if start_threads:
+                    self._ask_for_spare(worker)
             elif start_threads and self._count < self._limit:
                 start_one = self._ask_for_thread() or start_one
             else:
@@ -308,6 +314,31 @@ class DaemonThreads(futures.Executor):
             return False
         self._starters += 1
         return True
+
+    def _ask_for_spare(self, worker: _Worker) -> None:
+        """``worker`` has just taken a call: if that left no thread idle and
+        none coming for a later call, ask for a spare, which ``worker``
+        starts before its call (the lock held).
+
+        So a caller that finds no idle thread seldom has to start one and
+        wait for it to run (``Thread.start`` does): the server's loop would
+        stall there, once for each thread a slow repository's calls need.
+        The spare counts as a thread not yet taking work, so it takes the
+        next call; its start delays only ``worker``'s call. At most one
+        spare is wanted at a time: a burst asks for one beyond its calls.
+        """
+        if (
+            self._idle
+            or self._unstarted > len(self._backlog)
+            or self._count >= self._limit
+            or self._running + self._unstarted >= self._max_running
+        ):
+            return
+        if not self._ask_for_thread():
+            # Another starter is at it; ``worker`` joins in, so that a
+            # caller starting threads stops after its first (only_if_alone).
+            self._starters += 1
+        worker.start_spare = True
 
     def _start_threads(self, *, only_if_alone: bool) -> None:
         """Start the threads asked for, as one of ``_starters``, until none is
@@ -443,6 +474,9 @@ class DaemonThreads(futures.Executor):
             if work is None:
                 work, returning = self._wait_for_work(worker), []
                 continue
+            if worker.start_spare:
+                worker.start_spare = False
+                self._start_threads(only_if_alone=False)
             self._call(work)  # type: ignore[arg-type]
             with self._lock:
                 self._end_call(worker)
@@ -463,7 +497,9 @@ class DaemonThreads(futures.Executor):
             returning.append(other)
         if not self._returning and self._backlog and self._running + self._unstarted < self._max_running:
             self._begin(worker)
-            return self._backlog.popleft(), returning
+            work = self._backlog.popleft()
+            self._ask_for_spare(worker)
+            return work, returning
         if self._stopped:
             self._leave()
             return _LEFT, returning

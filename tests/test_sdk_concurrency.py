@@ -293,6 +293,9 @@ def test_an_answer_refused_for_another_reason_is_not_sent_again(
     refusing_host.refuse_resolve = [grpc.StatusCode.INTERNAL]
     start_plugin("admit")
     refused = refusing_host.ask(Pin("a/b", hex_id(1)))
+    # Handlers run at once, so answers may go out in any order: the next
+    # check is asked once the first answer (the one refused) has been sent.
+    assert wait_until(lambda: refusing_host.resolve_attempts[refused] == 1)
     later = refusing_host.ask(Pin("a/b", hex_id(2)))
     assert refusing_host.resolved([later])
     assert wait_until(lambda: any("cannot resolve admission" in line for line in refusing_host.logs))
@@ -521,6 +524,69 @@ def test_a_burst_of_waiting_calls_all_run_and_the_threads_stay_bounded(pools: An
         for _ in range(1000):
             assert done.acquire(timeout=30)
     assert peak_threads <= 200
+
+
+def test_a_caller_starts_at_most_the_first_thread_of_a_stream_of_slow_calls(
+    pools: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host's server loop submits a repository's calls one by one as they
+    # come: a caller that started a thread whenever none was idle would wait
+    # for each one to run (Thread.start does), once for every thread the
+    # slow calls need. A spare, started by a pool thread, takes the next call.
+    starters: list[str] = []
+    start = threading.Thread.start
+
+    def recording_start(thread: threading.Thread) -> None:
+        if thread.name.startswith("test-pool-"):
+            starters.append(threading.current_thread().name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    pool = pools(1 << 20, idle_expiry=600)
+    calls = [pool.submit(time.sleep, 0.05)]
+    for _ in range(60):
+        time.sleep(0.002)
+        calls.append(pool.submit(time.sleep, 0.05))
+    assert [call.result(30) for call in calls] == [None] * len(calls)
+    caller = threading.current_thread().name
+    assert starters.count(caller) == 1, starters
+    # Enough threads for the calls that overlapped, and one spare at most.
+    assert len(starters) <= len(calls) + 1
+    assert pool.thread_count == len(starters)
+
+
+@pytest.mark.parametrize("burst", [1, 10, 300])
+def test_a_burst_gets_a_thread_for_each_call_and_one_spare(pools: Any, burst: int) -> None:
+    pool = pools(1 << 20, idle_expiry=600)
+    release = threading.Event()
+    calls = [pool.submit(release.wait, 30) for _ in range(burst)]
+    assert wait_until(lambda: pool.thread_count == burst + 1)
+    time.sleep(0.1)
+    assert pool.thread_count == burst + 1
+    release.set()
+    assert all(call.result(30) for call in calls)
+
+
+def test_a_spare_never_takes_the_pool_past_its_limits(pools: Any) -> None:
+    pool = pools(5, idle_expiry=600)
+    release = threading.Event()
+    calls = [pool.submit(release.wait, 30) for _ in range(5)]
+    assert wait_until(lambda: pool.thread_count == 5)
+    time.sleep(0.1)
+    assert pool.thread_count == 5
+    release.set()
+    assert all(call.result(30) for call in calls)
+
+    bounded = pools(50, max_running=2, patience=60, idle_expiry=600)
+    gate = Gate(bounded)
+    for _ in range(6):
+        bounded.run_soon(gate.hold)
+    assert wait_until(lambda: gate.active == 2)
+    time.sleep(0.2)
+    # The two running and one spare: the queued calls wait for room, not threads.
+    assert gate.peak == 2 and bounded.thread_count <= 3
+    gate.release.set()
+    assert wait_until(lambda: gate.finished == 6)
 
 
 def test_a_storm_of_mixed_calls_leaves_the_pool_whole(pools: Any) -> None:
