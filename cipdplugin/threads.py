@@ -99,7 +99,7 @@ class _Worker:
         self.wake.acquire()
         self.work: _Work | None = None
         self.leave = False
-        self.start_spare = False  # start the threads asked for before its call (see _fill)
+        self.start_spare = False  # start the threads asked for before its call (_ask_for_spare)
         self.state = _State.IDLE
         self.started = 0.0  # when the current call began (time.monotonic)
 
