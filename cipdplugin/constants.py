@@ -189,14 +189,14 @@ SDK_LOG_RETRY_LIMIT = 5.0
 #: Test: ``test_go_handshake_has_our_fields_and_ticket_length``.
 TICKET_BYTES = 64
 #: Short calls (Log, ListMetadata) one plugin may have open at once; each
-#: holds a thread of the server's pool while its servant runs. Per plugin, so that one plugin using up
-#: its budget delays no other; large enough for a plugin that lists the
-#: metadata of every pin of a deployment at once (luci's example plugin
-#: does: the Go host served 540 at once). Calls beyond it are refused with
-#: RESOURCE_EXHAUSTED before they take a thread; calls without a valid
-#: ticket are refused before that. Ours: the Go host's server
-#: (``host/host.go``, ``Host.initServer``) sets no limit, each call being a
-#: goroutine. Test: ``test_a_plugin_holding_its_budget_delays_no_other``.
+#: holds a thread of the server's pool while its servant runs. Per plugin,
+#: so that one plugin using up its budget delays no other; large enough for
+#: a plugin that lists the metadata of every pin of a deployment at once
+#: (luci's example plugin does: the Go host served 540 at once). Calls
+#: beyond it are refused with RESOURCE_EXHAUSTED before they take a thread;
+#: calls without a valid ticket are refused before that. Ours: the Go
+#: host's server (``host/host.go``, ``Host.initServer``) sets no limit, each
+#: call being a goroutine. Test: ``test_a_plugin_holding_its_budget_delays_no_other``.
 PLUGIN_CALL_BUDGET = 1024
 #: How long ``Host`` waits for its server's event loop to listen before it
 #: gives up on launching a plugin. Ours (the Go host listens on its own
